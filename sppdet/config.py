@@ -1,0 +1,284 @@
+"""Typed configuration: YAML files in configs/ -> frozen dataclasses, strict merging.
+
+Defaults live here, one line of meaning and source per field ([P] the paper, PAPER.md section;
+[C] the official SPP_net code; [R] R-CNN; [ours] this project). A YAML file holds only deltas,
+optionally on top of one ``base:`` file. Command-line overrides are ``key.sub=value`` pairs
+parsed as YAML. An unknown key or a wrong type is a SppdetError naming the dotted key and
+listing the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .utils import SppdetError, write_text_atomic
+from .voc import VOC_CLASSES
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = "data/VOCdevkit"          # devkit folder (VOCdevkit or VOC2007); relative to the repo [ours]
+    year: str = "2007"                    # VOC<year> sub-folder [ours]
+    train_split: str = "trainval"         # ImageSets/Main/<split>.txt used for training [P 2.4]
+    test_split: str = "test"              # split evaluated at the end of training [P 2.4]
+    classes: tuple[str, ...] = VOC_CLASSES  # object classes, labels 1..K in this order; 0 = background [ours]
+    synthetic: bool = False               # generate the embedded synthetic dataset into `root` on first use [ours]
+    synthetic_seed: int = 0               # seed of the synthetic dataset [ours]
+    max_images: int = 0                   # use only the first N images of each split (0 = all; smoke runs) [ours]
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    mode: str = "fast"                    # selective search: fast | quality | opencv_fast | opencv_quality [P 1.6]
+    max_boxes: int = 2000                 # keep the best-ranked boxes per image [P 4.1 "about 2,000"]
+    min_size: int = 20                    # drop boxes narrower or shorter than this, original pixels [C/SS]
+    resize: Optional[int] = None          # short side for the search (None: original size); boxes mapped back [ours]
+    cache_dir: str = "cache/proposals"    # per-image cache, keyed on parameters and image content [ours]
+    workers: int = 2                      # processes for the search [ours]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "zf5"                 # zf5 (paper) | alexnet | vgg16 | resnet50 [P 1.1]
+    width: float = 1.0                    # channel multiplier for small, fast variants (1.0 = the real net) [ours]
+    weights: str = "imagenet"             # imagenet (torchvision) | none (random) | path to a local state dict [P 1.1]
+    levels: tuple[int, ...] = (6, 3, 2, 1)  # pyramid levels, 50 bins -> 12800-d for ZF-5 [P 1.2]
+    fc_dim: int = 4096                    # fc6 / fc7 width [P 1.1]
+    dropout: float = 0.5                  # dropout on fc6 / fc7 in training [P 2.1]
+    scales: tuple[int, ...] = (688,)      # short side(s); five scales: 480, 576, 688, 864, 1200 [P 1.5]
+    max_size: int = 2000                  # cap on the resized long side, bounds memory [ours]
+    projection: str = "paper"             # window -> conv5 rule: paper (App. A floor/ceil) | code (offset0 21, 6.5) [P/C 1.4]
+    scale_rule: str = "paper"             # per-window scale: paper (area closest to 224^2) | code (208, scale units) [P/C 1.5]
+    rcnn_input_size: int = 224            # R-CNN baseline: fixed warp size of a window [R 4]
+    rcnn_context: int = 16                # R-CNN baseline: context pixels around the warped box [R 4]
+    chunk: int = 512                      # windows per chunk through SPP + fc, bounds memory [ours]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    iterations: int = 300000              # minibatches in all: 250k at 1e-4 then 50k at 1e-5 [P 2.1]
+    lr: float = 1e-4                      # base learning rate [P 2.1]; code: 1e-3 [C]
+    lr_steps: tuple[int, ...] = (250000,)  # iterations at which lr is multiplied by gamma [P 2.1]
+    gamma: float = 0.1                    # lr decay factor [P 2.1]
+    momentum: float = 0.9                 # SGD momentum [C]
+    weight_decay: float = 5e-4            # SGD weight decay [C]
+    batch_size: int = 128                 # windows per minibatch [C]
+    fg_fraction: float = 0.25             # positives per minibatch [P 2.1]
+    fg_iou: float = 0.5                   # positive if IoU >= this with a ground-truth box [P 2.1]
+    bg_iou: tuple[float, float] = (0.1, 0.5)  # background if IoU in [lo, hi) [P 2.1]
+    fc8_std: float = 0.01                 # Gaussian init of the new (K+1)-way fc8 [P 2.1]
+    flip: bool = False                    # also train on horizontally flipped images [C]
+    random_scale: bool = False            # random scale per window instead of the best one [C]
+    train_conv: bool = False              # also fine-tune conv1..conv5 through the pyramid pooling [ours]
+    conv_lr_mult: float = 1.0             # lr multiplier of the conv layers when train_conv [ours]
+    feature_cache: str = "memory"         # frozen conv5 maps: memory | disk (fp16 .npy per image) | none [ours]
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    C: float = 1e-3                       # liblinear -c [C 2.2]
+    pos_weight: float = 2.0               # liblinear -w1 [C 2.2]
+    bias_mult: float = 10.0               # liblinear -B (intercept scaling) [C 2.2]
+    neg_iou: float = 0.3                  # negatives: IoU < this with every ground truth of the class [P 2.2]
+    neg_overlap_prune: Optional[float] = 0.7  # drop a negative overlapping a kept negative above this (None: off) [P 2.2]
+    hard_thresh: float = -1.0001          # mining keeps negatives scoring above this [C 2.2]
+    evict_thresh: float = -1.2            # evict cached negatives scoring below this [C 2.2]
+    retrain_every: int = 2000             # retrain a class after this many new negatives [C 2.2]
+    target_norm: float = 20.0             # fc7 features scaled to this mean L2 norm [C 2.2]
+
+
+@dataclass(frozen=True)
+class BBoxRegConfig:
+    enabled: bool = True                  # apply box regression to detections [P 2.3]
+    min_iou: float = 0.5                  # training windows overlap a ground truth by at least this [P 2.3]; R-CNN 0.6
+    lam: float = 4000.0                   # ridge lambda [C 2.3]; R-CNN 1000
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    nms: float = 0.3                      # per-class NMS IoU [P 2.4]
+    score_thresh: float = -1.5            # drop windows scoring below this before NMS [C 2.4]
+    max_per_image: int = 100              # detections kept per image per class [C 2.4]
+    metric: str = "voc07"                 # voc07 (11-point) | voc10 (area) [P 2.4]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""                        # runs/<name>/ (default: the config file's name) [ours]
+    output_dir: str = "runs"              # parent folder of every run [ours]
+    seed: int = 0                         # python, numpy, torch and SVM seeds [ours]
+    device: str = "auto"                  # auto (CUDA if present) | cpu | cuda [ours]
+    threads: int = 0                      # torch CPU threads (0 = torch's default) [ours]
+    detector: str = "spp"                 # spp | rcnn: which feature path this run trains [ours]
+    compare_rcnn: bool = False            # also train the R-CNN baseline on the same conv weights and compare [ours]
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SVMConfig = field(default_factory=SVMConfig)
+    bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+
+CHOICES = {
+    "proposals.mode": ("fast", "quality", "opencv_fast", "opencv_quality"),
+    "model.backbone": ("zf5", "alexnet", "vgg16", "resnet50"),
+    "model.projection": ("paper", "code"),
+    "model.scale_rule": ("paper", "code"),
+    "finetune.feature_cache": ("memory", "disk", "none"),
+    "test.metric": ("voc07", "voc10"),
+    "run.detector": ("spp", "rcnn"),
+}
+
+
+def _plain(obj):
+    """Tuples -> lists recursively, so the dict dumps as plain YAML."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Check `value` against the annotation `tp`; lists become tuples; ints are accepted for
+    floats; a bool is never accepted as a number."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SppdetError(f"config key {key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise SppdetError(f"config key {key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith(".year"):
+        return str(value)  # `year: 2007` in YAML is an int
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
+        return value
+    raise SppdetError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise SppdetError(f"unknown config key {key}; valid keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in values:
+            continue
+        tp, key, value = hints[name], f"{prefix}{name}", values[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise SppdetError(f"config key {key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}")
+            kwargs[name] = _build(tp, value, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+            if key in CHOICES and kwargs[name] not in CHOICES[key]:
+                raise SppdetError(f"config key {key}: {kwargs[name]!r} is not one of {', '.join(CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def _merge(base: dict, delta: dict) -> dict:
+    out = dict(base)
+    for k, v in delta.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def find_config(name: str | Path) -> Path:
+    """`name` as a path, else configs/<name>, else configs/<name>.yaml."""
+    for cand in (Path(name), CONFIG_DIR / str(name), CONFIG_DIR / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    available = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise SppdetError(f"config {name!r} not found (configs/: {available})")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SppdetError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SppdetError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """'a.b=value' -> {'a': {'b': value}} with the value parsed as YAML."""
+    if "=" not in item:
+        raise SppdetError(f"override {item!r}: expected key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    out: dict = value
+    for part in reversed(key.strip().split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(name: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- optional `base:` file <- the config file <- `key=value` overrides."""
+    values: dict = {}
+    if name is not None:
+        path = find_config(name)
+        data = _read_yaml(path)
+        base = data.pop("base", None)
+        if base is not None:
+            base_data = _read_yaml(find_config(path.parent / base if (path.parent / base).is_file() else base))
+            base_data.pop("base", None)
+            values = _merge(values, base_data)
+        values = _merge(values, data)
+        run = values.setdefault("run", {})
+        if isinstance(run, dict) and not run.get("name"):
+            run["name"] = path.stem
+    for item in overrides:
+        values = _merge(values, parse_override(item))
+    return _build(Config, values, "")
+
+
+def config_from_dict(values: dict) -> Config:
+    """Rebuild a Config saved with `Config.to_dict` (e.g. from a checkpoint)."""
+    return _build(Config, values, "")
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,46 @@
+"""Shared fixtures: the genuine VOC2007 photographs beside the checkout, and tiny devkits."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOC07_MINI = REPO.parent / "shared" / "data" / "voc07-mini"
+
+# Two cores, shared: keep torch from oversubscribing them in tests.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def voc07_mini() -> Path:
+    if not (VOC07_MINI / "VOC2007").is_dir():
+        pytest.skip(f"{VOC07_MINI} not present")
+    return VOC07_MINI
+
+
+def write_devkit(root: Path, images: dict[str, list[tuple]], split: str = "trainval",
+                 size: tuple[int, int] = (64, 48)) -> Path:
+    """Write a tiny VOC devkit: `images` maps id -> [(name, x1, y1, x2, y2, difficult), ...]
+    with 1-based XML coordinates; each image is a random `size` (w, h) JPEG."""
+    folder = root / "VOC2007"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    w, h = size
+    rng = np.random.default_rng(0)
+    for image_id, objects in images.items():
+        cv2.imwrite(str(folder / "JPEGImages" / f"{image_id}.jpg"),
+                    rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        objs = "".join(
+            f"<object><name>{n}</name><truncated>0</truncated><difficult>{int(d)}</difficult>"
+            f"<bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox>"
+            f"</object>" for n, x1, y1, x2, y2, d in objects)
+        (folder / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><filename>{image_id}.jpg</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>")
+    (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in images))
+    return root
