@@ -1,0 +1,158 @@
+"""Box regression: delta encoding, ridge fitting on features that encode the true deltas."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from sppdet import boxes as box_ops
+from sppdet.bbox_reg import BoxRegressor, train_box_regressors
+from sppdet.svm import feature_scale
+from sppdet.utils import SppdetError
+
+D = 24
+
+
+def random_boxes(rng, n: int) -> np.ndarray:
+    xy = rng.uniform(0, 300, (n, 2))
+    wh = rng.uniform(20, 200, (n, 2))
+    return np.hstack([xy, xy + wh - 1]).astype(np.float32)
+
+
+def jitter(rng, gt: np.ndarray, amount: float) -> np.ndarray:
+    """Proposals near `gt`: corners moved by up to `amount` of the box size."""
+    wh = np.repeat(box_ops.widths_heights(gt), 2, axis=0).reshape(-1, 4)
+    p = gt + rng.uniform(-amount, amount, gt.shape) * wh[:, [0, 1, 0, 1]]
+    p[:, 2:] = np.maximum(p[:, 2:], p[:, :2] + 4)
+    return p.astype(np.float32)
+
+
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of a[i] with b[i] (+1 pixel convention), without the (N, N) matrix."""
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]) + 1
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]) + 1
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area = lambda x: (x[:, 2] - x[:, 0] + 1) * (x[:, 3] - x[:, 1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def problem(seed: int = 0, n: int = 1500, num_classes: int = 3, labelled=(1, 2)):
+    """Windows around random ground truth whose features are a linear image of the true deltas
+    (plus small noise), so a linear regressor can recover the ground truth."""
+    rng = np.random.default_rng(seed)
+    gt = random_boxes(rng, n)
+    proposals = jitter(rng, gt, 0.25)
+    overlaps = paired_iou(proposals, gt)
+    labels = rng.choice(labelled, n)
+    deltas = box_ops.encode(proposals, gt)
+    mix = rng.standard_normal((num_classes, 4, D)).astype(np.float32)  # class-specific features
+    features = np.einsum("ni,nid->nd", deltas, mix[labels - 1]) + 0.05 + \
+        1e-3 * rng.standard_normal((n, D)).astype(np.float32)
+    return features.astype(np.float32), proposals, gt, labels, overlaps, mix
+
+
+def test_encode_decode_are_inverse():
+    rng = np.random.default_rng(0)
+    p, g = random_boxes(rng, 500), random_boxes(rng, 500)
+    np.testing.assert_allclose(box_ops.decode(p, box_ops.encode(p, g)), g, atol=1e-3)
+    np.testing.assert_allclose(box_ops.encode(p, p), 0, atol=1e-7)
+    # Hand-worked: a 10x10 box at the origin, target shifted by 5 and twice as wide.
+    d = box_ops.encode(np.array([[0, 0, 9, 9]], np.float32), np.array([[5, 0, 24, 9]], np.float32))
+    np.testing.assert_allclose(d, [[1.0, 0.0, np.log(2), 0.0]], atol=1e-6)
+
+
+def test_recovers_ground_truth_and_matches_closed_form_ridge():
+    # lambda 4000 is tuned for many windows of 12800-d features: with too few it shrinks the
+    # deltas noticeably, so give it 4000 windows per class.
+    features, proposals, gt, labels, overlaps, mix = problem(n=8000)
+    np.testing.assert_allclose(overlaps[:50], np.diag(box_ops.iou(proposals[:50], gt[:50])),
+                               atol=1e-6)
+    scale = feature_scale(features, 20.0)
+    reg = train_box_regressors(features, proposals, gt, labels, overlaps, num_classes=3,
+                               min_iou=0.5, lam=4000.0, feat_scale=scale)
+    use = overlaps >= 0.5
+    assert 0.6 < use.mean() < 1.0  # the jitter puts some windows below the threshold
+    assert reg.num_samples.tolist() == [int((use & (labels == k)).sum()) for k in (1, 2, 3)]
+
+    # Held-out windows (same feature map, no noise): regressed boxes land on the ground truth.
+    rng = np.random.default_rng(7)
+    g3 = random_boxes(rng, 300)
+    p3 = jitter(rng, g3, 0.2)
+    l3 = rng.choice([1, 2], 300)
+    d3 = box_ops.encode(p3, g3)
+    f3 = (np.einsum("ni,nid->nd", d3, mix[l3 - 1]) + 0.05).astype(np.float32)
+    before = paired_iou(p3, g3)
+    after = paired_iou(reg.predict(f3, p3, l3), g3)
+    assert before.mean() < 0.8 and after.min() > 0.95, (before.mean(), after.min())
+
+    # Class 1's coefficients against the closed form with an unpenalised intercept.
+    sel = use & (labels == 1)
+    X = features[sel].astype(np.float64) * scale
+    Y = box_ops.encode(proposals[sel], gt[sel]).astype(np.float64)
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    coef = np.linalg.solve(Xc.T @ Xc + 4000.0 * np.eye(D), Xc.T @ Yc)
+    np.testing.assert_allclose(reg.coef[0], coef, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(reg.intercept[0], Y.mean(0) - X.mean(0) @ coef, atol=1e-4)
+
+
+def test_windows_below_min_iou_are_not_used():
+    features, proposals, gt, labels, overlaps, _ = problem(n=600)
+    low = overlaps < 0.6
+    assert low.any() and (~low).any()
+    # Corrupt the low-overlap windows: if any of them were used, the fit would change.
+    bad = features.copy()
+    bad[low] = np.random.default_rng(3).standard_normal((int(low.sum()), D)) * 50
+    gt_bad = gt.copy()
+    gt_bad[low] += 37.0
+    a = train_box_regressors(features[~low], proposals[~low], gt[~low], labels[~low],
+                             overlaps[~low], 3, min_iou=0.6, lam=1000.0, feat_scale=2.0)
+    b = train_box_regressors(bad, proposals, gt_bad, labels, overlaps, 3, min_iou=0.6,
+                             lam=1000.0, feat_scale=2.0)
+    np.testing.assert_array_equal(a.coef, b.coef)
+    np.testing.assert_array_equal(a.intercept, b.intercept)
+    assert b.num_samples.sum() == (~low).sum()
+    # Rows labelled 0 (background) are ignored too.
+    zero = labels.copy()
+    zero[low] = 0
+    c = train_box_regressors(bad, proposals, gt_bad, zero, np.ones(len(zero)), 3, min_iou=0.6,
+                             lam=1000.0, feat_scale=2.0)
+    np.testing.assert_array_equal(a.coef, c.coef)
+
+
+def test_class_without_samples_is_identity(caplog):
+    features, proposals, gt, labels, overlaps, _ = problem(n=300)
+    with caplog.at_level(logging.WARNING, logger="sppdet.bbox_reg"):
+        reg = train_box_regressors(features, proposals, gt, labels, overlaps, 3,
+                                   class_names=["cat", "dog", "cow"])
+    assert reg.num_samples[2] == 0
+    assert any("'cow' (class 3)" in r.getMessage() for r in caplog.records)
+    assert not reg.coef[2].any() and not reg.intercept[2].any()
+    out = reg.predict(features[:20], proposals[:20], np.full(20, 3))
+    np.testing.assert_allclose(out, proposals[:20], atol=1e-4)
+    # min_samples also applies to classes with a few windows.
+    few = train_box_regressors(features, proposals, gt, labels, overlaps, 3,
+                               min_samples=10 ** 6)
+    assert not few.coef.any()
+
+
+def test_dict_round_trip_torch_and_predict_all():
+    features, proposals, gt, labels, overlaps, _ = problem(n=400)
+    reg = train_box_regressors(features, proposals, gt, labels, overlaps, 3, feat_scale=3.0)
+    again = BoxRegressor.from_dict(reg.to_dict())
+    np.testing.assert_array_equal(again.predict(features, proposals, labels),
+                                  reg.predict(features, proposals, labels))
+    assert again.feat_scale == 3.0 and again.num_samples.tolist() == reg.num_samples.tolist()
+    # torch in, torch out; same numbers.
+    t = reg.predict(torch.from_numpy(features), torch.from_numpy(proposals),
+                    torch.from_numpy(labels))
+    assert torch.is_tensor(t)
+    np.testing.assert_allclose(t.numpy(), reg.predict(features, proposals, labels), atol=1e-3)
+    # predict_all's slice for each window's class equals predict.
+    every = reg.predict_all(features, proposals)
+    assert every.shape == (len(features), 3, 4)
+    np.testing.assert_allclose(every[np.arange(len(labels)), labels - 1],
+                               reg.predict(features, proposals, labels), atol=1e-3)
+    with pytest.raises(SppdetError, match="bbox_reg"):
+        BoxRegressor.from_dict({"coef": np.zeros((3, D, 4))})
