@@ -36,7 +36,7 @@ class ImageRecord:
     path: Path
     width: int
     height: int
-    boxes: np.ndarray      # (N, 4) float32 [x1, y1, x2, y2], 0-based inclusive
+    boxes: np.ndarray      # (N, 4) float32 [x1, y1, x2, y2], 0-based inclusive (float64 if lenient)
     labels: np.ndarray     # (N,) int64 in 1..K
     difficult: np.ndarray  # (N,) bool
     truncated: np.ndarray  # (N,) bool
@@ -133,7 +133,8 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str], strict: bool 
         truncated.append(_flag(obj, "truncated", where))
     return dict(
         width=width, height=height,
-        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+        # float64 in lenient mode keeps fractional coordinates exactly as written
+        boxes=np.asarray(boxes, dtype=np.float32 if strict else np.float64).reshape(-1, 4),
         labels=np.asarray(labels, dtype=np.int64),
         difficult=np.asarray(difficult, dtype=bool),
         truncated=np.asarray(truncated, dtype=bool),
