@@ -1,0 +1,366 @@
+"""Conv trunks (conv1..conv5, total stride 16) that produce the map SPP pools from.
+
+`build_backbone(name, width, weights)` returns a `Backbone`:
+    preprocess(image_bgr uint8 (H, W, 3) or (N, H, W, 3)) -> float32 (3, H, W) or (N, 3, H, W)
+    forward(x (B, 3, H, W)) -> conv5 (B, C, H5, W5), contiguous
+and the geometry the window projection needs: unit i of conv5 (0-based) has its receptive field
+(`receptive_field` pixels wide) centred on image pixel `center0 + stride * i` (0-based). The
+geometry is derived by walking the trunk's conv/pool layers, never typed in by hand.
+
+Families: "zf5" (the paper's ZF-5, PAPER.md 1.1), and torchvision "alexnet", "vgg16",
+"resnet50" (C4) cut at stride 16. State-dict keys of the torchvision trunks are torchvision's own
+(`features.0.weight`, `layer3.5.bn3.running_var`, ...), so a full torchvision checkpoint loads
+directly with its classifier ignored; ZF-5 keys are Caffe's layer names (`conv1.weight`, ...).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from .utils import SppdetError
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+
+# (kernel, stride, padding, ceil_mode) of one conv or pool along the trunk's main path.
+Layer = tuple[int, int, int, bool]
+
+
+# ----------------------------------------------------------------------------- geometry
+
+def trunk_layers(module: nn.Module) -> list[Layer]:
+    """The convs and pools of `module` in registration (= data-flow) order, skipping ResNet
+    `downsample` shortcuts (they share the main path's centres and have a smaller field)."""
+    layers = []
+    for name, m in module.named_modules():
+        if "downsample" in name.split("."):
+            continue
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s, p = (_square(getattr(m, a), name) for a in ("kernel_size", "stride", "padding"))
+            if _square(getattr(m, "dilation", 1), name) != 1:
+                raise ValueError(f"{name}: dilated layers are not supported")
+            layers.append((k, s, p, bool(getattr(m, "ceil_mode", False))))
+    return layers
+
+
+def _square(v, name: str) -> int:
+    v = (v, v) if isinstance(v, int) else tuple(v)
+    if v[0] != v[1]:
+        raise ValueError(f"{name}: non-square kernel/stride/padding {v}")
+    return int(v[0])
+
+
+def conv_geometry(layers: list[Layer]) -> tuple[int, float, int]:
+    """(stride, center0, receptive_field) of the last layer's units, in input pixels (0-based).
+
+    Per layer (k, s, p): centre of unit 0 moves by ((k - 1) / 2 - p) * jump, the field grows by
+    (k - 1) * jump, and the jump multiplies by s. Ceil-mode pooling only adds units at the end,
+    so it changes no centre. ZF-5: (16, 20.0, 139).
+    """
+    jump, center0, rf = 1, 0.0, 1
+    for k, s, p, _ in layers:
+        center0 += ((k - 1) / 2 - p) * jump
+        rf += (k - 1) * jump
+        jump *= s
+    return jump, center0, rf
+
+
+def map_size(layers: list[Layer], n: int) -> int:
+    """Output length of the layer stack for input length `n` (conv: floor; ceil-mode pool: ceil,
+    with PyTorch's rule that the last window must start inside the input or left padding)."""
+    for k, s, p, ceil in layers:
+        out = (math.ceil if ceil else math.floor)((n + 2 * p - k) / s) + 1
+        if ceil and (out - 1) * s >= n + p:
+            out -= 1
+        n = out
+    return n
+
+
+# ----------------------------------------------------------------------------- base class
+
+class Backbone(nn.Module):
+    """A conv trunk plus its preprocessing and geometry; subclasses build the layers.
+
+    Attributes: name, out_channels, stride (16), center0, receptive_field, rcnn_input_size,
+    layers (list of (kernel, stride, pad, ceil_mode)), channels_last (see use_channels_last).
+    """
+
+    name: str
+    out_channels: int
+    rcnn_input_size: int = 224
+    # Preprocessing in 0..255 units: out = (pixel - mean) / std, channels in BGR or RGB order.
+    bgr: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def _finish(self) -> None:
+        """Derive the geometry from the layers; call at the end of a subclass __init__."""
+        self.layers = trunk_layers(self)
+        self.stride, self.center0, self.receptive_field = conv_geometry(self.layers)
+        assert self.stride == 16, (self.name, self.stride)
+        self.use_channels_last(True)
+
+    def use_channels_last(self, on: bool = True) -> "Backbone":
+        """Run the trunk in NHWC (channels_last) memory format, weights and input (default on).
+
+        With oneDNN on CPU this is ~1.8x faster for ZF-5 (a 688x917 image and 224x224 window
+        batches alike) and faster for the torchvision trunks; values agree up to float rounding.
+        Converting only the input leaves oneDNN reordering the weights on every call.
+        """
+        self.channels_last = on
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, 3, H, W) float32 from `preprocess` -> conv5 (B, out_channels, H5, W5),
+        with H5 = map_size(H) (ZF-5: 224 -> 13, 180 -> 10); returned contiguous (NCHW)."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.trunk(x.contiguous(memory_format=memory_format)).contiguous()
+
+    def map_size(self, height: int, width: int) -> tuple[int, int]:
+        """(H5, W5) of conv5 for an (height, width) input, without running the network."""
+        return map_size(self.layers, height), map_size(self.layers, width)
+
+    def preprocess(self, image_bgr: np.ndarray) -> torch.Tensor:
+        """uint8 BGR image (H, W, 3), or a stack (N, H, W, 3) -> float32 (3, H, W) / (N, 3, H, W).
+
+        ZF-5: BGR minus 128, no scaling (the paper's Caffe input). torchvision trunks: RGB in
+        [0, 1] normalised with the ImageNet mean/std. The result is a view in HWC memory order
+        (channels_last once batched), which `forward` uses on CPU without a copy.
+        """
+        if image_bgr.dtype != np.uint8 or image_bgr.ndim not in (3, 4) or image_bgr.shape[-1] != 3:
+            raise ValueError(f"expected a uint8 (H, W, 3) or (N, H, W, 3) BGR image, "
+                             f"got {image_bgr.dtype} {image_bgr.shape}")
+        shape = image_bgr.shape
+        img = np.ascontiguousarray(image_bgr).reshape(-1, shape[-2], 3)  # cv2 takes (rows, W, 3)
+        if not self.bgr:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        # A per-channel 256-entry table: ~30x faster than float arithmetic on the image, and
+        # each value is (v - mean) / std computed in float64, then rounded once.
+        lut = (np.arange(256.0)[:, None] - self.mean) / np.array(self.std)
+        out = cv2.LUT(img, lut.astype(np.float32).reshape(1, 256, 3))
+        return torch.from_numpy(out.reshape(shape)).movedim(-1, -3)
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name}, out_channels={self.out_channels}, stride={self.stride}, "
+                f"center0={self.center0}, receptive_field={self.receptive_field}")
+
+
+class _TorchvisionBackbone(Backbone):
+    bgr = False
+    mean = tuple(255 * m for m in IMAGENET_MEAN_RGB)
+    std = tuple(255 * s for s in IMAGENET_STD_RGB)
+    weights_enum: type  # torchvision WeightsEnum with IMAGENET1K_V1
+
+
+# ----------------------------------------------------------------------------- ZF-5
+
+class WithinChannelLRN(nn.Module):
+    """Caffe's LRN with norm_region WITHIN_CHANNEL: y = x * (1 + alpha * avg_{size x size}(x^2))^-beta.
+
+    The average divides by size^2 everywhere, padded cells included (Caffe's AVE pooling), which
+    is avg_pool2d with count_include_pad=True. Not torch's cross-channel nn.LocalResponseNorm.
+    """
+
+    def __init__(self, size: int = 3, alpha: float = 5e-5, beta: float = 0.75) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta = size, alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg = F.avg_pool2d(x * x, self.size, stride=1, padding=self.size // 2, count_include_pad=True)
+        # In place: on a full image each fresh buffer costs more than the arithmetic on it.
+        return avg.mul_(self.alpha).add_(1).pow_(-self.beta).mul_(x)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha}, beta={self.beta}"
+
+
+class ZF5(Backbone):
+    """ZF-5 conv1..conv5 of the released SPP_net Caffe model (PAPER.md 1.1).
+
+    conv1 7x7/2 pad 1 (96) -> ReLU -> LRN -> max 3x3/2 ceil; conv2 5x5/2 pad 0 (256) -> ReLU ->
+    LRN -> max 3x3/2 ceil; conv3, conv4 3x3 pad 1 (384); conv5 3x3 pad 1 (256); ReLU after each.
+    `width` scales every channel count (rounded, at least 8) for small demo/test variants.
+    Geometry: stride 16, center0 20, receptive field 139.
+    """
+
+    bgr = True
+    mean = (128.0, 128.0, 128.0)
+    std = (1.0, 1.0, 1.0)
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = (max(8, round(c * width)) for c in (96, 256, 384, 384, 256))
+        self.name, self.out_channels, self.width = "zf5", c5, width
+        # Attribute names are the Caffe layer names, so converted weights map one to one.
+        self.conv1 = nn.Conv2d(3, c1, 7, stride=2, padding=1)
+        self.norm1 = WithinChannelLRN()
+        self.pool1 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.conv2 = nn.Conv2d(c1, c2, 5, stride=2, padding=0)
+        self.norm2 = WithinChannelLRN()
+        self.pool2 = nn.MaxPool2d(3, stride=2, ceil_mode=True)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1)
+        self._finish()
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.norm1(F.relu(self.conv1(x), inplace=True)))
+        x = self.pool2(self.norm2(F.relu(self.conv2(x), inplace=True)))
+        for conv in (self.conv3, self.conv4, self.conv5):
+            x = F.relu(conv(x), inplace=True)
+        return x
+
+
+# ----------------------------------------------------------------------------- torchvision
+
+class AlexNetTrunk(_TorchvisionBackbone):
+    """torchvision AlexNet `features` up to conv5's ReLU (the last max-pool dropped): stride 16,
+    256 channels, center0 15, receptive field 163; 224 -> 13x13."""
+
+    weights_enum = torchvision.models.AlexNet_Weights
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.out_channels = "alexnet", 256
+        self.features = torchvision.models.alexnet(weights=None).features[:-1]
+        self._finish()
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class VGG16Trunk(_TorchvisionBackbone):
+    """torchvision VGG16 `features` up to conv5_3's ReLU (pool5 dropped): stride 16, 512
+    channels, center0 7.5, receptive field 196; 224 -> 14x14."""
+
+    weights_enum = torchvision.models.VGG16_Weights
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.out_channels = "vgg16", 512
+        self.features = torchvision.models.vgg16(weights=None).features[:-1]
+        self._finish()
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class ResNet50C4(_TorchvisionBackbone):
+    """torchvision ResNet-50 up to layer3 (C4): stride 16, 1024 channels, center0 0, receptive
+    field 267; 224 -> 14x14. BatchNorm is frozen (FrozenBatchNorm2d): the trunk is never trained
+    here, and train() on the detector must not touch its statistics."""
+
+    weights_enum = torchvision.models.ResNet50_Weights
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name, self.out_channels = "resnet50", 1024
+        net = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+        for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"):
+            setattr(self, key, getattr(net, key))  # same names as torchvision: same state-dict keys
+        self._finish()
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+
+# ----------------------------------------------------------------------------- building, weights
+
+BACKBONES = {"zf5": ZF5, "alexnet": AlexNetTrunk, "vgg16": VGG16Trunk, "resnet50": ResNet50C4}
+
+
+def build_backbone(name: str, width: float = 1.0, weights: str = "none") -> Backbone:
+    """Backbone `name` in BACKBONES with `weights`: "none" (random init, reproducible under
+    torch.manual_seed), "imagenet" (torchvision's ImageNet weights; not for zf5), or the path of
+    a torch.save'd state dict (the trunk's own keys or a full torchvision model's, optionally
+    wrapped as {"state_dict": ...} / {"model": ...} or under a key prefix like "module.").
+    `width` (zf5 only) scales the channel counts; pretrained weights need width 1.0.
+    """
+    if name not in BACKBONES:
+        raise SppdetError(f"model.backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
+    if name != "zf5" and width != 1.0:
+        raise SppdetError(f"model.width={width} is only supported for zf5, not {name}")
+    if weights != "none" and width != 1.0:
+        raise SppdetError(f"model.width={width}: pretrained weights ({weights}) need width 1.0")
+    net = BACKBONES[name](width) if name == "zf5" else BACKBONES[name]()
+    if weights == "imagenet":
+        load_state_dict_checked(net, _imagenet_state_dict(net), f"torchvision {name} ImageNet weights")
+    elif weights != "none":
+        load_weights_file(net, weights)
+    return net
+
+
+def _imagenet_state_dict(net: Backbone) -> dict:
+    if not isinstance(net, _TorchvisionBackbone):
+        raise SppdetError(
+            f"model.weights=imagenet: torchvision has no {net.name} weights; convert the released "
+            f"SPP_net Caffe model (conv1..conv5) to a state dict with keys conv1.weight ... conv5.bias "
+            f"and pass model.weights=/path/to/file.pth")
+    spec = net.weights_enum.IMAGENET1K_V1
+    try:
+        return spec.get_state_dict(progress=True, check_hash=True)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError/HTTPError are OSErrors
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise SppdetError(
+            f"model.weights=imagenet: could not download {net.name} weights from {spec.url} "
+            f"({reason}); download that file elsewhere and pass model.weights=/path/to/file.pth") from e
+
+
+def load_weights_file(net: Backbone, path: str | os.PathLike) -> None:
+    """Load a torch.save'd state dict from `path` into `net` (see build_backbone); every problem
+    is a SppdetError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SppdetError(f"model.weights={str(path)!r}: no such file (use 'none', 'imagenet' or "
+                          f"the path of a .pth state dict)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a readable state dict"
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise SppdetError(f"{path}: cannot read as a torch state dict ({reason})") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SppdetError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    load_state_dict_checked(net, obj, str(path))
+
+
+def load_state_dict_checked(net: Backbone, state: dict, source: str) -> None:
+    """Copy the trunk's tensors from `state` into `net`; extra keys (a classifier, layer4) are
+    ignored. Missing keys or shape mismatches -> SppdetError naming `source` and the first few."""
+    own = net.state_dict()
+    # Find the prefix (e.g. "module.", "backbone.") under which `state` holds the trunk: the
+    # shortest key ending with our first key.
+    first = next(iter(own))
+    hits = sorted((k for k in state if k == first or k.endswith("." + first)), key=len)
+    prefix = hits[0][: -len(first)] if hits else ""
+    picked = {k: state[prefix + k] for k in own if prefix + k in state}
+    # FrozenBatchNorm2d has no num_batches_tracked; plain BN buffers of that name are optional.
+    missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
+    bad = [f"{k}: expected {tuple(own[k].shape)}, found {tuple(v.shape)}"
+           for k, v in picked.items() if v.shape != own[k].shape]
+    if missing or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:4])}"
+                         f"{', ...' if len(missing) > 4 else ''})")
+        if bad:
+            parts.append(f"{len(bad)} shape mismatches ({'; '.join(bad[:3])}"
+                         f"{'; ...' if len(bad) > 3 else ''})")
+        raise SppdetError(f"{source}: does not fit backbone {net.name} "
+                          f"(out_channels {net.out_channels}): {' and '.join(parts)}")
+    net.load_state_dict(picked, strict=False)
