@@ -71,6 +71,7 @@ class FinetuneConfig:
     momentum: float = 0.9                 # SGD momentum [C]
     weight_decay: float = 5e-4            # SGD weight decay [C]
     batch_size: int = 128                 # windows per minibatch [C]
+    images_per_batch: int = 2             # images the windows of one minibatch are drawn from [ours; C: a pool]
     fg_fraction: float = 0.25             # positives per minibatch [P 2.1]
     fg_iou: float = 0.5                   # positive if IoU >= this with a ground-truth box [P 2.1]
     bg_iou: tuple[float, float] = (0.1, 0.5)  # background if IoU in [lo, hi) [P 2.1]
@@ -80,6 +81,7 @@ class FinetuneConfig:
     train_conv: bool = False              # also fine-tune conv1..conv5 through the pyramid pooling [ours]
     conv_lr_mult: float = 1.0             # lr multiplier of the conv layers when train_conv [ours]
     feature_cache: str = "memory"         # frozen conv5 maps: memory | disk (fp16 .npy per image) | none [ours]
+    checkpoint_every: int = 500           # iterations between resumable snapshots [ours]
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class BBoxRegConfig:
     enabled: bool = True                  # apply box regression to detections [P 2.3]
     min_iou: float = 0.5                  # training windows overlap a ground truth by at least this [P 2.3]; R-CNN 0.6
     lam: float = 4000.0                   # ridge lambda [C 2.3]; R-CNN 1000
+    max_per_image: int = 16               # training windows kept per image, bounds memory [ours]
 
 
 @dataclass(frozen=True)

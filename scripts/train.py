@@ -1,0 +1,36 @@
+"""Train an SPP-net detector (and, with run.compare_rcnn, the R-CNN baseline) and evaluate it.
+
+    python scripts/train.py --config voc07_zf5.yaml [key.sub=value ...] [--resume]
+    python scripts/train.py --config demo.yaml          # the embedded offline demo
+
+Writes runs/<name>/: config.yaml, train.log, metrics.json, metrics.csv, model.pt, results/
+(and rcnn/, comparison.md, comparison.json when comparing).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sppdet.config import load_config  # noqa: E402
+from sppdet.utils import run_cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/NAME[.yaml] or a path")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the finished stages of runs/<name> and continue an interrupted one")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, list(args.set) + list(args.overrides))
+    from sppdet.engine import run_training
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,70 @@
+"""The R-CNN baseline (Girshick et al. 2014) on the same network as SPP-net.
+
+Each proposal is dilated so that `context` pixels of image surround it in the warped crop,
+warped anisotropically to `input_size` x `input_size`, and run through conv1..conv5 on its own;
+the conv5 map of the crop is pooled by the same pyramid and fed to the same fc head, SVMs and
+box regression (`Detector`). Only the feature path differs from `SPPDetector`, which is what
+the paper's Table 10 compares.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import roi_align
+
+from .detector import Detector, _timed
+from .spp import spp_pool_maps
+
+
+def context_boxes(boxes: torch.Tensor, input_size: int, context: int) -> torch.Tensor:
+    """Dilate boxes (R, 4), 0-based inclusive, about their centres so that after warping to
+    `input_size` the original box spans the inner `input_size - 2 * context` pixels.
+
+    Returns continuous-coordinate boxes [x1, y1, x2, y2) (exclusive ends: pixel i covers
+    [i, i + 1)), the form roi_align samples from. R-CNN's scale is size / (size - 2 * context).
+    """
+    scale = input_size / (input_size - 2 * context)
+    x1, y1 = boxes[:, 0], boxes[:, 1]
+    x2, y2 = boxes[:, 2] + 1, boxes[:, 3] + 1
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    half_w, half_h = (x2 - x1) / 2 * scale, (y2 - y1) / 2 * scale
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], 1)
+
+
+def warp_windows(image: torch.Tensor, boxes: torch.Tensor, input_size: int, context: int) -> torch.Tensor:
+    """Crop + warp every window of one preprocessed image (3, H, W) -> (R, 3, S, S).
+
+    Bilinear sampling at the S x S cell centres of each dilated box (roi_align with one sample
+    per cell = a plain bilinear warp, no antialiasing, as R-CNN's imresize). Samples outside
+    the image read 0, i.e. the mean after preprocessing: R-CNN pads with the mean as well.
+    """
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), context_boxes(boxes, input_size, context)], 1)
+    return roi_align(image[None], rois, output_size=input_size, spatial_scale=1.0,
+                     sampling_ratio=1, aligned=True)
+
+
+class RCNNDetector(Detector):
+    """Per-window features: warp -> conv1..conv5 -> pyramid pooling of the fixed-size map."""
+
+    def __init__(self, backbone, num_classes, levels=(6, 3, 2, 1), fc_dim=4096, dropout=0.5,
+                 chunk=512, input_size: int = 224, context: int = 16, batch: int = 64):
+        super().__init__(backbone, num_classes, levels, fc_dim, dropout, chunk)
+        self.input_size = input_size
+        self.context = context
+        self.batch = batch  # warped windows per conv pass
+
+    def pooled_features(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
+        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D)."""
+        with _timed(timers, "warp"):
+            x = self.backbone.preprocess(image).to(self.device)
+        parts = []
+        for chunk in boxes.to(self.device).split(self.batch):
+            with _timed(timers, "warp"):
+                crops = warp_windows(x, chunk, self.input_size, self.context)
+            with _timed(timers, "conv"):
+                conv5 = self.backbone(crops)
+            with _timed(timers, "pool"):
+                parts.append(spp_pool_maps(conv5, self.levels))
+        if not parts:
+            return torch.zeros(0, self.feature_dim, device=self.device)
+        return torch.cat(parts)
