@@ -1,0 +1,116 @@
+"""scripts/benchmark.py: the timing bookkeeping, and an end-to-end run on a tiny devkit."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, write_devkit
+from sppdet.spp import spp_pool, spp_pool_reference
+from sppdet.utils import SppdetError
+
+SCRIPT = REPO / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_per_image_means_and_linear_extrapolation(bench):
+    # Image 1 timed on all 10 windows; image 2 on 5 of its 20 -> counted as 4x its times.
+    samples = [({"conv": 1.0, "total": 2.0}, 10, 10), ({"conv": 1.0, "total": 3.0}, 5, 20)]
+    assert bench.per_image(samples) == {"conv_s": 2.5, "total_s": 7.0}
+
+
+def test_time_detect_folds_warp_into_conv_and_leaves_nms_out(bench):
+    class Stub:
+        def detect(self, image, boxes, timers):
+            for name, seconds in (("warp", 0.02), ("conv", 0.01), ("nms", 0.3)):
+                with timers.setdefault(name, None):
+                    time.sleep(seconds)
+
+    t = bench.time_detect(Stub(), None, None, torch.device("cpu"))
+    assert t["warp"] >= 0.02 and t["conv"] - t["warp"] >= 0.01 and t["nms"] >= 0.3
+    assert t["conv"] <= t["total"] < 0.3  # NMS is reported, not counted
+    assert t["pool"] == t["fc"] == 0.0
+
+
+def test_spp_pool_restores_the_thread_count():
+    # The no-grad path pools on one thread; the caller's setting must come back.
+    gen = torch.Generator().manual_seed(0)
+    feature = torch.randn(8, 7, 9, generator=gen)
+    windows = torch.tensor([[0, 0, 8, 6], [2, 1, 5, 3], [4, 4, 4, 4]])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            out = spp_pool(feature, windows)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, spp_pool_reference(feature, windows))
+
+
+@pytest.mark.parametrize("argv", [["--images", "0"], ["--rcnn-windows", "0"], ["--max-proposals", "-1"]])
+def test_bad_counts_are_one_line_errors(bench, argv):
+    with pytest.raises(SppdetError, match="must be >= 1"):
+        bench.parse_args(argv)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+
+
+def test_benchmark_end_to_end(tmp_path):
+    root = write_devkit(tmp_path / "devkit", {"a": [("dog", 2, 2, 40, 30, 0)], "b": [("cat", 5, 5, 60, 40, 0)]},
+                        split="test", size=(96, 72))
+    out = tmp_path / "bench.json"
+    proc = _run("--voc-root", str(root), "--images", "2", "--max-proposals", "30", "--rcnn-windows", "10",
+                "--threads", "2", "--device", "cpu", "--proposal-cache", str(tmp_path / "cache"),
+                "--json", str(out), "--set", "model.width=0.25", "model.fc_dim=64",
+                "model.max_size=800",  # caps the 5 scales' long side at 800: a cheaper conv
+                "proposals.min_size=4", "proposals.workers=1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["threads"] == 2 and result["device"].startswith("cpu")
+    assert result["images"] == 2
+    assert 10 < result["proposals_per_image"] <= 30  # so R-CNN's 10 windows are a strict subset
+    assert result["proposal_s"] > 0
+    assert result["rcnn"] == {"images": 1, "input_size": 224, "context": 16, "windows_timed": 10,
+                              "extrapolated": True}
+    methods = result["methods"]
+    assert set(methods) == {"spp_1scale", "spp_5scale", "rcnn"}
+    assert [methods[n]["images"] for n in methods] == [2, 2, 1]
+    assert methods["spp_1scale"]["windows_per_image"] == result["proposals_per_image"]
+    for name, m in methods.items():
+        assert min(m["conv_s"], m["pool_s"], m["fc_s"], m["total_s"], m["nms_s"]) > 0, name
+        assert m["total_s"] >= m["conv_s"] + m["pool_s"] + m["fc_s"], name
+    assert methods["spp_1scale"]["warp_s"] == 0 and 0 < methods["rcnn"]["warp_s"] <= methods["rcnn"]["conv_s"]
+    for name in ("spp_1scale", "spp_5scale"):
+        for part in ("conv", "total"):
+            expected = methods["rcnn"][f"{part}_s"] / methods[name][f"{part}_s"]
+            assert result["speedup"][name][part] == pytest.approx(expected, rel=1e-12)
+    table = proc.stdout
+    for line in ("conv time", "pooling time", "fc time", "total time", "speed-up vs R-CNN (conv)",
+                 "speed-up vs R-CNN (total)", "NMS (not in total)", "proposals: selective search"):
+        assert line in table
+    assert "EXTRAPOLATED" in table and "R-CNN timed on 1 of them" in table
+    # The cached proposals are reused: a second run would not recompute them.
+    assert len(list((tmp_path / "cache").glob("*/*.npz"))) == 2
+
+
+def test_bad_voc_root_is_one_error_line(tmp_path):
+    proc = _run("--voc-root", str(tmp_path / "missing"), "--proposal-cache", str(tmp_path / "cache"))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing" in lines[0]
