@@ -14,9 +14,14 @@ from .config import Config, config_from_dict
 from .utils import SppdetError, atomic_path
 
 FORMAT_VERSION = 1
+KINDS = {"SPPDetector": "spp", "RCNNDetector": "rcnn"}  # saved class name -> build_detector kind
 
 
 def save_checkpoint(path: str | Path, detector, cfg: Config, classes, extra: dict | None = None) -> None:
+    """Write `detector` (SPPDetector or RCNNDetector; tensors saved as they are, loaded on CPU),
+    its resolved config and its class names (labels 1..K) to `path`, atomically."""
+    if type(detector).__name__ not in KINDS:
+        raise TypeError(f"save_checkpoint: cannot save a {type(detector).__name__}")
     payload = {
         "format_version": FORMAT_VERSION,
         "config": cfg.to_dict(),
@@ -30,6 +35,7 @@ def save_checkpoint(path: str | Path, detector, cfg: Config, classes, extra: dic
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """The raw payload of a checkpoint (tensors on CPU), checked for format and version."""
     path = Path(path)
     if not path.is_file():
         raise SppdetError(f"{path}: checkpoint not found")
@@ -43,19 +49,29 @@ def read_checkpoint(path: str | Path) -> dict:
     if payload["format_version"] != FORMAT_VERSION:
         raise SppdetError(f"{path}: checkpoint format version {payload['format_version']}, this sppdet "
                           f"reads version {FORMAT_VERSION}; retrain or use a matching sppdet release")
+    missing = [k for k in ("config", "classes", "detector", "model") if k not in payload]
+    if missing:
+        raise SppdetError(f"{path}: incomplete sppdet checkpoint (no {', '.join(missing)})")
+    if payload["detector"] not in KINDS:
+        raise SppdetError(f"{path}: unknown detector type {payload['detector']!r} "
+                          f"(expected {' or '.join(KINDS)})")
     return payload
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
-    """Rebuild the detector saved at `path` -> (detector in eval mode, Config, class names)."""
+    """Rebuild the detector saved at `path` -> (detector in eval mode on `device`, Config,
+    class names). No pretrained weights are fetched: the file holds every parameter."""
+    payload = read_checkpoint(path)  # first: a bad path fails before the heavy imports
     from .engine import build_detector  # the engine builds detectors from configs
 
-    payload = read_checkpoint(path)
-    cfg = config_from_dict(payload["config"])
+    try:
+        cfg = config_from_dict(payload["config"])
+    except SppdetError as e:
+        raise SppdetError(f"{path}: its config does not fit this sppdet ({e})") from None
     detector = build_detector(cfg, num_classes=len(payload["classes"]), weights="none",
-                              kind="rcnn" if payload["detector"] == "RCNNDetector" else "spp")
+                              kind=KINDS[payload["detector"]])
     try:
         detector.load_state_dict(payload["model"])
     except RuntimeError as e:
         raise SppdetError(f"{path}: network weights do not match its config ({str(e).splitlines()[0]})") from None
-    return detector.to(device).eval(), cfg, payload["classes"]
+    return detector.to(device).eval(), cfg, list(payload["classes"])

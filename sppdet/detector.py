@@ -127,6 +127,7 @@ class Detector(nn.Module):
         height, width = image.shape[:2]
         proposals = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         pooled = self.pooled_features(image, proposals, timers)
+        proposals = proposals.to(pooled.device)  # indexed below by (device) candidate indices
         with _timed(timers, "fc"):
             scores = self.svm_scores(self.fc7(pooled))
         with _timed(timers, "nms"):

@@ -71,7 +71,11 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
 
 class Conv5Cache:
     """Frozen conv5 maps of the training images, computed once: in memory or as fp16 .npy
-    files on disk (atomic writes, so an interrupted run never leaves a half file)."""
+    files on disk (atomic writes, so an interrupted run never leaves a half file).
+
+    Every lookup of a cached map returns the fp16-rounded values, the first (which computes
+    it) included, so a map reads the same whether it was just computed, kept in memory or read
+    from disk: a resumed run (empty memory cache) trains exactly as an uninterrupted one."""
 
     def __init__(self, detector: SPPDetector, mode: str, folder: Path | None = None):
         self.detector, self.mode, self.folder = detector, mode, folder
@@ -82,20 +86,20 @@ class Conv5Cache:
             with torch.no_grad():
                 return self.detector.conv5_pyramid(image, [scale])[scale]
         if (key, scale) in self.memory:
-            return self.memory[(key, scale)].float()
+            return self.memory[(key, scale)].to(self.detector.device).float()
         path = self.folder / f"{key}_s{scale}.npy" if self.mode == "disk" else None
         if path is not None and path.is_file():
-            conv5 = torch.from_numpy(np.load(path)).float()
+            conv5 = torch.from_numpy(np.load(path))
         else:
             with torch.no_grad():
-                conv5 = self.detector.conv5_pyramid(image, [scale])[scale].cpu()
+                conv5 = self.detector.conv5_pyramid(image, [scale])[scale].cpu().half()
             if path is not None:
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as f:
-                        np.save(f, conv5.half().numpy())
+                        np.save(f, conv5.numpy())
         if self.mode == "memory":
-            self.memory[(key, scale)] = conv5.half()
-        return conv5.to(self.detector.device)
+            self.memory[(key, scale)] = conv5
+        return conv5.to(self.detector.device).float()
 
 
 def learning_rate(iteration: int, base_lr: float, steps: Sequence[int], gamma: float) -> float:
@@ -114,7 +118,10 @@ def finetune(detector: Detector, images: Sequence[str], load_image: Callable[[st
 
     Each iteration draws `batch_size` windows from `images_per_batch` random training images.
     `state` resumes an interrupted run (from `checkpoint(state)` calls every
-    `checkpoint_every` iterations). Returns the final state: iteration, optimizer, RNG, losses.
+    `checkpoint_every` iterations) exactly: the same seed and arguments give the same weights
+    as an uninterrupted run. The state holds the live model and optimizer tensors, so the
+    callback must save (serialise) it before returning. Returns the final state: iteration,
+    model, optimizer, RNG states (numpy sampling, torch dropout), loss history.
     """
     rng = np.random.default_rng(seed)
     params = [{"params": detector.head.parameters(), "lr": lr}]
@@ -123,12 +130,14 @@ def finetune(detector: Detector, images: Sequence[str], load_image: Callable[[st
     else:
         detector.backbone.requires_grad_(False)
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    start, history = 0, []
+    start, history, running = 0, [], []
     if state:
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["rng"]
-        start, history = state["iteration"], state["history"]
+        if "torch_rng" in state:  # snapshots of older versions lack it: resumed, not exactly
+            _set_torch_rng(state["torch_rng"])
+        start, history, running = state["iteration"], list(state["history"]), list(state.get("running", []))
     spp = isinstance(detector, SPPDetector)
     cache = Conv5Cache(detector, feature_cache, cache_dir) if spp and not train_conv else None
     per_image = max(1, batch_size // images_per_batch)
@@ -136,7 +145,6 @@ def finetune(detector: Detector, images: Sequence[str], load_image: Callable[[st
     detector.train()
     if not train_conv:
         detector.backbone.eval()
-    running = []
     bar = tqdm(range(start, iterations), desc="fine-tune", initial=start, total=iterations,
                leave=False, dynamic_ncols=True)
     for it in bar:
@@ -190,12 +198,29 @@ def finetune(detector: Detector, images: Sequence[str], load_image: Callable[[st
                 logger.info(f"fine-tune {it + 1}/{iterations}: loss {mean_loss:.4f} accuracy {mean_acc:.3f}")
             running = []
         if checkpoint is not None and (it + 1) % checkpoint_every == 0 and it + 1 < iterations:
-            checkpoint(_state(detector, optimizer, rng, it + 1, history))
+            checkpoint(_state(detector, optimizer, rng, it + 1, history, running))
     detector.eval()
     detector.backbone.requires_grad_(True)
-    return _state(detector, optimizer, rng, iterations, history)
+    return _state(detector, optimizer, rng, max(start, iterations), history, running)
 
 
-def _state(detector, optimizer, rng, iteration, history) -> dict:
+def _state(detector, optimizer, rng, iteration, history, running) -> dict:
+    """Everything an exact resume needs; `running` holds the (loss, accuracy) of iterations
+    since the last history entry."""
     return {"model": detector.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng.bit_generator.state, "iteration": iteration, "history": list(history)}
+            "rng": rng.bit_generator.state, "torch_rng": _torch_rng(), "iteration": iteration,
+            "history": list(history), "running": list(running)}
+
+
+def _torch_rng() -> dict:
+    """torch's global generators (dropout draws from them): CPU, and each CUDA device in use."""
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_torch_rng(states: dict) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -35,12 +35,21 @@ def warp_windows(image: torch.Tensor, boxes: torch.Tensor, input_size: int, cont
     """Crop + warp every window of one preprocessed image (3, H, W) -> (R, 3, S, S).
 
     Bilinear sampling at the S x S cell centres of each dilated box (roi_align with one sample
-    per cell = a plain bilinear warp, no antialiasing, as R-CNN's imresize). Samples outside
-    the image read 0, i.e. the mean after preprocessing: R-CNN pads with the mean as well.
+    per cell = a plain bilinear warp, no antialiasing, as R-CNN's imresize): cell j samples the
+    continuous point x1 + (j + 0.5) (x2 - x1) / S. Samples outside the image [0, W) x [0, H)
+    read 0, i.e. the mean after preprocessing: R-CNN pads with the mean as well.
     """
-    rois = torch.cat([boxes.new_zeros(len(boxes), 1), context_boxes(boxes, input_size, context)], 1)
-    return roi_align(image[None], rois, output_size=input_size, spatial_scale=1.0,
-                     sampling_ratio=1, aligned=True)
+    rois = context_boxes(boxes, input_size, context)
+    crops = roi_align(image[None], torch.cat([rois.new_zeros(len(rois), 1), rois], 1),
+                      output_size=input_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    # roi_align reads the edge pixel for samples up to one pixel outside the image (it clamps
+    # there); zero them so the padding starts exactly at the image border.
+    frac = (torch.arange(input_size, device=rois.device, dtype=rois.dtype) + 0.5) / input_size
+    xs = rois[:, 0:1] + frac * (rois[:, 2:3] - rois[:, 0:1])   # (R, S) sample x per column
+    ys = rois[:, 1:2] + frac * (rois[:, 3:4] - rois[:, 1:2])   # (R, S) sample y per row
+    height, width = image.shape[-2:]
+    inside = ((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]
+    return crops * inside[:, None].to(crops.dtype)
 
 
 class RCNNDetector(Detector):

@@ -1,0 +1,187 @@
+"""detector: SPP features against a manual resize -> conv -> project -> pool path, and the
+shared detection tail (score threshold, per-class NMS, max per image, box regression)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from sppdet import boxes as box_ops
+from sppdet.backbones import build_backbone
+from sppdet.detector import Detector, SPPDetector
+from sppdet.rcnn import RCNNDetector
+from sppdet.spp import project_boxes, spp_pool_reference
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+
+
+def tiny_backbone():
+    torch.manual_seed(0)
+    return build_backbone("zf5", width=0.125, weights="none")
+
+
+# ----------------------------------------------------------------------------- SPP features
+
+def manual_pooled(net: SPPDetector, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, list[int]]:
+    """The paper's path written out: per window the scale whose resized area is closest to
+    224^2, resize the image (short side = scale), conv5, project the scaled box, pool."""
+    h, w = image.shape[:2]
+    rows, picked = [], []
+    for box in boxes:
+        area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+        factors = [s / min(h, w) for s in net.scales]
+        k = int(np.argmin([abs(area * f * f - 224 ** 2) for f in factors]))
+        f = factors[k]
+        resized = cv2.resize(image, (round(w * f), round(h * f)), interpolation=cv2.INTER_LINEAR)
+        with torch.no_grad():
+            conv5 = net.backbone(net.backbone.preprocess(resized)[None])[0]
+        window = project_boxes(torch.tensor(box[None] * f), net.backbone.stride, net.backbone.center0,
+                               conv5.shape[1], conv5.shape[2])
+        rows.append(spp_pool_reference(conv5, window, net.levels)[0])
+        picked.append(k)
+    return torch.stack(rows), picked
+
+
+@pytest.mark.parametrize("scales", [(100,), (100, 300)])
+def test_pooled_features_match_manual_path(scales):
+    net = SPPDetector(tiny_backbone(), num_classes=2, levels=(4, 2, 1), fc_dim=16, scales=scales).eval()
+    boxes = np.array([[0, 0, 79, 59], [10, 10, 25, 30], [40, 5, 79, 40], [2, 3, 9, 8],
+                      [30, 20, 60, 59]], dtype=np.float32)
+    with torch.no_grad():
+        got = net.pooled_features(IMAGE, torch.from_numpy(boxes))
+    want, picked = manual_pooled(net, IMAGE, boxes)
+    assert got.shape == (len(boxes), net.feature_dim) == want.shape
+    if len(scales) == 2:
+        assert set(picked) == {0, 1}, "both scales should be exercised"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- detection tail
+
+class FixedScores(Detector):
+    """pooled_features = one-hot rows, fc6 = fc7 = identity, so fc7 == pooled and the SVM
+    scores are exactly svm_weight[:, r] + svm_bias for window r: hand-made scores."""
+
+    def __init__(self, scores: np.ndarray):
+        num_windows, num_classes = scores.shape
+        super().__init__(tiny_backbone(), num_classes, levels=(1,), fc_dim=32, dropout=0.0)
+        assert self.feature_dim == 32 >= num_windows
+        with torch.no_grad():
+            for fc in (self.head.fc6, self.head.fc7):
+                fc.weight.copy_(torch.eye(32))
+                fc.bias.zero_()
+            self.svm_weight.zero_()
+            self.svm_weight[:, :num_windows] = torch.tensor(scores, dtype=torch.float32).T
+        self.pooled_calls = []
+
+    def pooled_features(self, image, boxes, timers=None):
+        self.pooled_calls.append(len(boxes))
+        return torch.eye(len(boxes), self.feature_dim)
+
+
+def entry(label, score, box) -> tuple:
+    """A detection as a hashable row, rounded so float32 round-off does not matter."""
+    return int(label), round(float(score), 4), tuple(np.round(np.asarray(box, np.float64), 3).tolist())
+
+
+def as_set(det) -> set:
+    return {entry(lab, s, b) for b, s, lab in zip(det.boxes, det.scores, det.labels)}
+
+
+BOXES = np.array([[0, 0, 19, 19],      # 0
+                  [1, 1, 20, 20],      # 1: IoU 0.82 with 0
+                  [40, 40, 59, 59],    # 2: disjoint
+                  [0, 0, 20, 20],      # 3: IoU 0.91 with 0
+                  [60, 10, 79, 30]],   # 4
+                 dtype=np.float32)
+
+
+def test_detect_threshold_per_class_nms_and_order():
+    scores = np.array([[3.0, 0.5],
+                       [2.0, 2.5],
+                       [1.0, -2.0],
+                       [-3.0, 1.5],
+                       [-1.0, -1.6]])
+    det = FixedScores(scores).detect(IMAGE, BOXES, score_thresh=-1.5, nms=0.3, max_per_image=100)
+    # class 1: 0 (3.0) suppresses 1 and 3 (overlap), keeps 2 (1.0) and 4 (-1.0); 3 is -3 anyway.
+    # class 2: 1 (2.5) suppresses 3 (1.5, IoU 0.91) and 0 (0.5); 2 and 4 are below -1.5.
+    want = {entry(1, 3.0, BOXES[0]), entry(1, 1.0, BOXES[2]), entry(1, -1.0, BOXES[4]),
+            entry(2, 2.5, BOXES[1])}
+    assert as_set(det) == want
+    assert np.all(np.diff(det.scores) <= 0), "sorted by decreasing score"
+    assert det.boxes.dtype == np.float32 and det.scores.dtype == np.float32 and det.labels.dtype == np.int64
+    # a looser NMS keeps the overlapping windows of class 1; a higher threshold drops low scores
+    det = FixedScores(scores).detect(IMAGE, BOXES, score_thresh=0.0, nms=0.95, max_per_image=100)
+    assert as_set(det) == {entry(1, 3.0, BOXES[0]), entry(1, 2.0, BOXES[1]), entry(1, 1.0, BOXES[2]),
+                           entry(2, 2.5, BOXES[1]), entry(2, 1.5, BOXES[3]), entry(2, 0.5, BOXES[0])}
+
+
+def test_detect_max_per_image_is_per_class_and_keeps_the_best():
+    # five disjoint windows, class 1 scores 1..5, class 2 scores 10..50
+    boxes = np.array([[i * 15, 0, i * 15 + 9, 9] for i in range(5)], dtype=np.float32)
+    scores = np.stack([np.arange(1, 6), 10 * np.arange(1, 6)], 1).astype(np.float64)
+    det = FixedScores(scores).detect(IMAGE, boxes, score_thresh=0.0, nms=0.3, max_per_image=2)
+    assert as_set(det) == {entry(1, 5.0, boxes[4]), entry(1, 4.0, boxes[3]),
+                           entry(2, 50.0, boxes[4]), entry(2, 40.0, boxes[3])}
+    assert det.scores.tolist() == [50.0, 40.0, 5.0, 4.0]
+
+
+def test_detect_applies_box_regression_then_clips():
+    scores = np.array([[2.0, -9.0], [-9.0, 1.0], [0.5, -9.0]])
+    boxes = BOXES[[0, 2, 4]]
+    net = FixedScores(scores)
+    deltas = torch.tensor([[0.1, -0.2, np.log(1.5), 0.0],      # class 1: shift, widen
+                           [0.5, 0.5, 0.0, np.log(2.0)]])      # class 2: shift, taller
+    net.bbox_intercept.copy_(deltas)
+    net.bbox_enabled.fill_(True)                               # coef stays zero: deltas = intercept
+    det = net.detect(IMAGE, boxes, score_thresh=0.0, nms=0.3)
+    labels = np.array([1, 2, 1])
+    expected = box_ops.clip(box_ops.decode(boxes, deltas.numpy()[labels - 1]), 60, 80)
+    # hand check of one: window 4 (x 60..79, y 10..30, 20 x 21) with class-1 deltas -> centre x
+    # 70 + 0.1 * 20 = 72, w 30 -> x 57..86 clipped to 79; centre y 20.5 - 0.2 * 21 = 16.3, h 21
+    assert expected[2] == pytest.approx([57.0, 5.8, 79.0, 25.8], abs=1e-4)
+    assert as_set(det) == {entry(1, 2.0, expected[0]), entry(2, 1.0, expected[1]),
+                           entry(1, 0.5, expected[2])}
+    assert det.boxes.min() >= 0 and det.boxes[:, 2].max() <= 79 and det.boxes[:, 3].max() <= 59
+    # disabled: the proposals themselves
+    net.bbox_enabled.fill_(False)
+    assert as_set(net.detect(IMAGE, boxes, score_thresh=0.0)) == {
+        entry(1, 2.0, boxes[0]), entry(2, 1.0, boxes[1]), entry(1, 0.5, boxes[2])}
+
+
+def test_regression_uses_coefficients_of_the_detected_class():
+    net = FixedScores(np.array([[-9.0, 1.0]]))
+    net.bbox_enabled.fill_(True)
+    net.bbox_scale.fill_(2.0)
+    # window 0's pooled feature is e_0 (x scale 2): class 2's coef row 0 gives the deltas
+    net.bbox_coef[1, 0] = torch.tensor([0.05, 0.0, 0.0, 0.0])
+    net.bbox_coef[0, 0] = torch.tensor([9.0, 9.0, 9.0, 9.0])   # class 1's: must not be used
+    det = net.detect(IMAGE, BOXES[2:3], score_thresh=0.0)
+    assert det.labels.tolist() == [2]
+    np.testing.assert_allclose(det.boxes[0], [42, 40, 61, 59], atol=1e-4)  # moved 0.1 * 20 px
+
+
+@pytest.mark.parametrize("kind", ["spp", "rcnn"])
+def test_no_proposals_gives_no_detections(kind):
+    if kind == "spp":
+        net = SPPDetector(tiny_backbone(), num_classes=3, fc_dim=16, scales=(100, 200))
+    else:
+        net = RCNNDetector(tiny_backbone(), num_classes=3, fc_dim=16, input_size=64, context=4)
+    for proposals in (np.zeros((0, 4), np.float32), np.zeros(0, np.float32)):
+        det = net.detect(IMAGE, proposals, score_thresh=-np.inf)
+        assert len(det) == 0 and det.boxes.shape == (0, 4) and det.labels.dtype == np.int64
+    # with proposals and -inf threshold every (window, class) is a candidate: NMS bounds it
+    det = net.detect(IMAGE, BOXES, score_thresh=-np.inf, nms=0.3)
+    assert 0 < len(det) <= 3 * len(BOXES) and set(det.labels.tolist()) <= {1, 2, 3}
+
+
+def test_detect_timers_and_eval_mode():
+    net = SPPDetector(tiny_backbone(), num_classes=2, fc_dim=16, scales=(100,))
+    net.train()
+    timers = {}
+    a = net.detect(IMAGE, BOXES, timers=timers)
+    b = net.detect(IMAGE, BOXES)
+    assert not net.training, "detect runs in eval mode (no dropout)"
+    assert {"conv", "pool", "fc", "nms"} <= set(timers)
+    assert as_set(a) == as_set(b)
