@@ -4,8 +4,9 @@
 
 Prints each detection (class, score, box as 0-based x1 y1 x2 y2) and the time spent on
 proposals and on the network; writes <out>/<name>.jpg with the boxes drawn and <out>/<name>.json.
-Without --checkpoint the newest runs/*/model.pt is used. A missing or unreadable image is
-reported in one line and the other images are still processed.
+Without --checkpoint the newest runs/*/model.pt is used; --checkpoint takes a model.pt, a run
+folder (runs/demo) or a folder of runs. A missing or unreadable image is reported in one
+`error:` line and the other images are still processed; the exit status is then 1.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 import cv2  # noqa: E402
 
@@ -30,6 +32,15 @@ def newest_checkpoint(runs: Path) -> Path:
     return found[-1]
 
 
+def find_checkpoint(path: Path) -> Path:
+    """A model.pt as given; a run folder -> its model.pt; a folder of runs -> the newest one."""
+    if path.is_dir():
+        return path / "model.pt" if (path / "model.pt").is_file() else newest_checkpoint(path)
+    if not path.is_file():
+        raise SppdetError(f"{path}: checkpoint not found")
+    return path
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given; folders -> every file inside (non-images get their own error line later)."""
     out = []
@@ -42,26 +53,30 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files and/or folders")
-    parser.add_argument("--checkpoint", help="model.pt (default: the newest runs/*/model.pt)")
+    parser.add_argument("--checkpoint", help="model.pt, a run folder or a folder of runs (default: the newest "
+                                             "runs/*/model.pt)")
     parser.add_argument("--score-thresh", type=float, default=0.0, help="report and draw detections above this SVM score")
     parser.add_argument("--out", default="detections", help="output folder (default: detections/)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = parser.parse_args(argv)
 
+    # found before the slow imports below, so a missing one is reported at once
+    ckpt = find_checkpoint(Path(args.checkpoint)) if args.checkpoint else newest_checkpoint(REPO / "runs")
+
     from sppdet.checkpoint import load_checkpoint
-    from sppdet.engine import REPO
     from sppdet.proposals import selective_search
     from sppdet.utils import pick_device
     from sppdet.vis import draw_detections
     from sppdet.voc import load_image
 
-    ckpt = Path(args.checkpoint) if args.checkpoint else newest_checkpoint(REPO / "runs")
     detector, cfg, classes = load_checkpoint(ckpt, pick_device(args.device))
     print(f"checkpoint {ckpt} ({type(detector).__name__}, {len(classes)} classes)")
     out_dir = Path(args.out)
     failures = 0
     for path in expand_inputs(args.images):
         try:
+            if not path.exists():
+                raise SppdetError(f"{path}: no such file or folder")
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 raise SppdetError(f"{path}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
             image = load_image(path)

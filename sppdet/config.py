@@ -30,8 +30,10 @@ class DataConfig:
     train_split: str = "trainval"         # ImageSets/Main/<split>.txt used for training [P 2.4]
     test_split: str = "test"              # split evaluated at the end of training [P 2.4]
     classes: tuple[str, ...] = VOC_CLASSES  # object classes, labels 1..K in this order; 0 = background [ours]
-    synthetic: bool = False               # generate the embedded synthetic dataset into `root` on first use [ours]
+    synthetic: bool = False               # generate the embedded synthetic dataset into `root` on first use (a devkit of your own there is used as is) [ours]
     synthetic_seed: int = 0               # seed of the synthetic dataset [ours]
+    synthetic_trainval: int = 200         # synthetic dataset: images in trainval [ours]
+    synthetic_test: int = 100             # synthetic dataset: images in test [ours]
     max_images: int = 0                   # use only the first N images of each split (0 = all; smoke runs) [ours]
 
 

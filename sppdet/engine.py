@@ -64,8 +64,13 @@ def load_datasets(cfg: Config, splits: Sequence[str]) -> list[VOCDataset]:
     d = cfg.data
     root = resolve(d.root)
     if d.synthetic:
-        from .synthetic import ensure_dataset
-        ensure_dataset(root, seed=d.synthetic_seed, classes=d.classes)
+        from .synthetic import MARKER_NAME, ensure_dataset
+        if root.is_dir() and any(root.iterdir()) and not (root / MARKER_NAME).exists():
+            # a devkit of the user's own (demo.yaml with data.root=...): use it, never overwrite it
+            get_logger("sppdet").info(f"data: {root} is not a generated synthetic dataset; using it as it is")
+        else:
+            ensure_dataset(root, seed=d.synthetic_seed, num_trainval=d.synthetic_trainval,
+                           num_test=d.synthetic_test, classes=d.classes)
     out = []
     for split in splits:
         ds = VOCDataset(root, year=d.year, split=split, classes=d.classes)
@@ -227,6 +232,8 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
                    init_backbone: dict | None = None, train_conv: bool | None = None) -> tuple[Detector, dict, dict]:
     """Fine-tune, SVMs + box regression, save model.pt, evaluate -> (detector, metrics, times)."""
     stages = Stages(run_dir / "stages", resume)
+    if not resume:  # nor append to an earlier run's metrics
+        (run_dir / "metrics.csv").unlink(missing_ok=True)
     device = pick_device(cfg.run.device)
     seed_everything(cfg.run.seed)
     K = len(train_set.classes)
@@ -236,7 +243,9 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
     detector.to(device)
     f = cfg.finetune
     train_conv = f.train_conv if train_conv is None else train_conv
-    data_key = stable_hash(asdict(cfg.data), asdict(cfg.proposals), train_set.image_ids)
+    # proposals.workers and cache_dir change where and how fast boxes are computed, not the boxes
+    props_cfg = {k: v for k, v in asdict(cfg.proposals).items() if k not in ("workers", "cache_dir")}
+    data_key = stable_hash(asdict(cfg.data), props_cfg, train_set.image_ids)
     ft_key = stable_hash(kind, data_key, asdict(cfg.model), asdict(f), train_conv, cfg.run.seed,
                          None if init_backbone is None else stable_hash(
                              [v.cpu().numpy().tobytes() for v in init_backbone.values()]))
@@ -283,12 +292,16 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
 
 
 def _append_metrics(run_dir: Path, rows: list[tuple]) -> None:
-    """metrics.csv: stage, step, name, value (rewritten atomically with the new rows added)."""
+    """metrics.csv: stage, step, name, value; rewritten atomically with the new rows added, a new
+    row replacing an old one of the same (stage, step, name), so a resumed run logs each once."""
     path = run_dir / "metrics.csv"
-    old = path.read_text() if path.is_file() else "stage,step,name,value\n"
+    new = [[str(v) for v in row] for row in rows]
+    fresh = {tuple(row[:3]) for row in new}
+    old = list(csv.reader(io.StringIO(path.read_text())))[1:] if path.is_file() else []
+    kept = [row for row in old if tuple(row[:3]) not in fresh]
     buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    write_text_atomic(path, old + buf.getvalue())
+    csv.writer(buf, lineterminator="\n").writerows([["stage", "step", "name", "value"], *kept, *new])
+    write_text_atomic(path, buf.getvalue())
 
 
 def comparison(spp: tuple[dict, dict], rcnn: tuple[dict, dict]) -> dict:
@@ -322,6 +335,16 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     run_dir = resolve(cfg.run.output_dir) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = get_logger("sppdet", run_dir / "train.log")
+    try:
+        return _run(cfg, resume, run_dir, logger)
+    finally:  # a later run in this process (tests, notebooks) must not write into this run's log
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                        and Path(h.baseFilename) == (run_dir / "train.log").resolve()]:
+            logger.removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: Config, resume: bool, run_dir: Path, logger: logging.Logger) -> dict:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     dump_config(cfg, run_dir / "config.yaml")

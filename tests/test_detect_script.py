@@ -1,0 +1,124 @@
+"""scripts/detect.py as a user runs it (a subprocess), with a tiny random-weight checkpoint: output
+files, one `error:` line per bad input, exit status."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from sppdet.checkpoint import save_checkpoint
+from sppdet.config import load_config
+from sppdet.engine import build_detector
+
+CLASSES = ["apple", "kite"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny SPP detector with random weights whose SVMs score every window above 0, so each
+    image gets detections (NMS then thins them)."""
+    cfg = load_config("demo", ["model.width=0.125", "model.fc_dim=64", "model.scales=[200]",
+                               "proposals.max_boxes=60", "data.classes=[apple, kite]"])
+    torch.manual_seed(0)
+    detector = build_detector(cfg, len(CLASSES), weights="none")
+    detector.svm_weight.normal_(0, 0.01)
+    detector.svm_bias.fill_(5.0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, detector, cfg, CLASSES)
+    return path
+
+
+def scene(h: int, w: int, seed: int) -> np.ndarray:
+    """A noisy background with a few filled shapes, so selective search finds regions."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(90, 130, (h, w, 3), dtype=np.uint8)
+    for _ in range(3):
+        x, y = int(rng.integers(10, w - 50)), int(rng.integers(10, h - 50))
+        cv2.rectangle(image, (x, y), (x + 40, y + 30), [int(c) for c in rng.integers(0, 255, 3)], -1)
+    cv2.circle(image, (w // 2, h // 2), 20, (20, 200, 240), -1)
+    return image
+
+
+def detect(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # tiny net: threads only thrash the shared cores
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "detect.py"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_folder_with_images_and_bad_files(tmp_path, checkpoint):
+    images = tmp_path / "images"
+    images.mkdir()
+    shapes = {"a.jpg": (150, 200), "b.png": (180, 160)}
+    for seed, (name, (h, w)) in enumerate(shapes.items()):
+        cv2.imwrite(str(images / name), scene(h, w, seed))
+    (images / "notes.txt").write_text("not an image\n")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated JPEG")
+    out = tmp_path / "out"
+
+    proc = detect(tmp_path, str(images), "--checkpoint", str(checkpoint), "--out", str(out))
+    assert proc.returncode == 1  # something failed
+    errors = error_lines(proc)
+    assert len(errors) == 2
+    assert any("notes.txt" in e and "not an image file" in e for e in errors)
+    assert any("broken.jpg" in e and "not a readable image" in e for e in errors)
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "a.json", "b.jpg", "b.json"]
+
+    for name, (h, w) in shapes.items():
+        stem = Path(name).stem
+        drawn = cv2.imread(str(out / f"{stem}.jpg"))
+        assert drawn is not None and drawn.shape == (h, w, 3)
+        result = json.loads((out / f"{stem}.json").read_text())
+        assert (result["width"], result["height"]) == (w, h)
+        dets = result["detections"]
+        assert dets, f"{stem}: the SVM bias makes every window score above 0"
+        assert f"{images / name}: {len(dets)} detections" in proc.stdout
+        for d in dets:
+            assert set(d) == {"class", "score", "box"} and d["class"] in CLASSES and d["score"] >= 0.0
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 <= x2 <= w - 1 and 0 <= y1 <= y2 <= h - 1  # clipped, 0-based inclusive
+        scores = [d["score"] for d in dets]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_good_images_only_exit_zero_and_a_run_folder_is_a_checkpoint(tmp_path, checkpoint):
+    cv2.imwrite(str(tmp_path / "a.jpg"), scene(120, 160, seed=3))
+    # --checkpoint may name the run folder (runs/<name>/) that holds model.pt
+    proc = detect(tmp_path, "a.jpg", "--checkpoint", str(checkpoint.parent), "--out", "out")
+    assert proc.returncode == 0, proc.stderr
+    assert error_lines(proc) == [] and (tmp_path / "out" / "a.json").is_file()
+
+
+def test_missing_path_and_an_image_without_proposals(tmp_path, checkpoint):
+    # 6x6 pixels: every selective-search box is under proposals.min_size (8) -> no windows at all
+    cv2.imwrite(str(tmp_path / "speck.png"), np.full((6, 6, 3), 128, np.uint8))
+    proc = detect(tmp_path, "speck.png", "nowhere.jpg", "--checkpoint", str(checkpoint), "--out", "out")
+    assert proc.returncode == 1
+    assert error_lines(proc) == ["error: nowhere.jpg: no such file or folder"]
+    assert "speck.png: 0 detections" in proc.stdout and "0 boxes" in proc.stdout
+    assert json.loads((tmp_path / "out" / "speck.json").read_text())["detections"] == []
+
+
+@pytest.mark.parametrize("where", ["empty runs folder", "missing file"])
+def test_no_checkpoint_is_one_line(tmp_path, where):
+    cv2.imwrite(str(tmp_path / "a.jpg"), scene(120, 160, seed=4))
+    (tmp_path / "runs" / "demo").mkdir(parents=True)  # a run that never finished
+    ckpt = tmp_path / "runs" if where == "empty runs folder" else tmp_path / "runs" / "demo" / "model.pt"
+    proc = detect(tmp_path, "a.jpg", "--checkpoint", str(ckpt))
+    assert proc.returncode == 1
+    expected = (f"error: no checkpoint under {tmp_path / 'runs'}/*/model.pt" if where == "empty runs folder"
+                else f"error: {ckpt}: checkpoint not found")
+    assert len(error_lines(proc)) == 1 and error_lines(proc)[0].startswith(expected)
+    assert proc.stdout == "" and not (tmp_path / "detections").exists()
