@@ -84,6 +84,7 @@ class FinetuneConfig:
     conv_lr_mult: float = 1.0             # lr multiplier of the conv layers when train_conv [ours]
     feature_cache: str = "memory"         # frozen conv5 maps: memory | disk (fp16 .npy per image) | none [ours]
     checkpoint_every: int = 500           # iterations between resumable snapshots [ours]
+    window_features: bool = False         # frozen conv: pool every training window once, keep it in memory (fp16) for fine-tuning, SVMs, box regression; small datasets [ours]
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from .checkpoint import save_checkpoint
 from .config import Config, dump_config
 from .detector import Detector, Detections, SPPDetector
 from .evaluation import collect_detections, evaluate_detections, format_ap_table, write_results_files
-from .finetune import finetune, label_windows
+from .finetune import finetune, label_windows, pooled_window_features
 from .proposals import compute_proposals
 from .rcnn import RCNNDetector
 from .svm import SVMTrainer, feature_scale
@@ -154,28 +154,35 @@ def _windows_for(dataset: VOCDataset, proposals) -> dict:
     return {r.image_id: label_windows(proposals[r.image_id], r.boxes, r.labels) for r in dataset}
 
 
-def _features(detector: Detector, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled (R, D), fc7 (R, F)) of windows, inference mode."""
-    with torch.no_grad():
-        pooled = detector.pooled_features(image, torch.from_numpy(boxes.astype(np.float32)))
+def train_svms_and_regressors(detector: Detector, dataset: VOCDataset, proposals, cfg: Config,
+                              logger: logging.Logger, store: dict[str, torch.Tensor] | None = None) -> dict:
+    """Two passes over the training images: ground-truth features (SVM positives, the feature
+    scale), then hard-negative mining, collecting box-regression samples on the way.
+
+    store: pooled features of each image's training windows (its proposals, then its ground
+    truth; `pooled_window_features`), read instead of running the network again."""
+    detector.eval()
+
+    @torch.no_grad()
+    def features(rec, boxes: np.ndarray, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled (R, D), fc7 (R, F)) of `boxes`, rows `rows` of the image's training windows."""
+        if store is not None:
+            pooled = store[rec.image_id][torch.from_numpy(rows)].to(detector.device).float()
+        else:
+            pooled = detector.pooled_features(load_image(rec.path), torch.from_numpy(boxes.astype(np.float32)))
         return pooled, detector.fc7(pooled)
 
-
-def train_svms_and_regressors(detector: Detector, dataset: VOCDataset, proposals, cfg: Config,
-                              logger: logging.Logger) -> dict:
-    """Two passes over the training images: ground-truth features (SVM positives, the feature
-    scale), then hard-negative mining, collecting box-regression samples on the way."""
-    detector.eval()
     K = len(dataset.classes)
     rng = np.random.default_rng(cfg.run.seed)
     gt_feats, gt_labels, sample = [], [], []
     for i, rec in enumerate(tqdm(dataset, desc="SVM positives", leave=False, dynamic_ncols=True)):
         props = proposals[rec.image_id]
-        take = rng.choice(len(props), min(len(props), 200), replace=False) if i < 200 and len(props) else []
+        take = rng.choice(len(props), min(len(props), 200), replace=False) if i < 200 and len(props) \
+            else np.zeros(0, np.int64)
         boxes = np.concatenate([rec.boxes, props[take].reshape(-1, 4)])
         if len(boxes) == 0:
             continue
-        _, fc7 = _features(detector, load_image(rec.path), boxes)
+        _, fc7 = features(rec, boxes, np.concatenate([len(props) + np.arange(len(rec.boxes)), take]))
         gt_feats.append(fc7[: len(rec.boxes)].cpu().numpy())
         gt_labels.append(rec.labels)
         sample.append(fc7[len(rec.boxes):].cpu().numpy())
@@ -195,7 +202,7 @@ def train_svms_and_regressors(detector: Detector, dataset: VOCDataset, proposals
         if len(props) == 0:
             logger.info(f"{rec.image_id}: no proposals; skipped for SVM mining")
             continue
-        pooled, fc7 = _features(detector, load_image(rec.path), props)
+        pooled, fc7 = features(rec, props, np.arange(len(props)))
         trainer.add_image(fc7.cpu().numpy(), props, rec.boxes, rec.labels)
         if b.enabled and len(rec.boxes):
             overlap, index = box_ops.max_iou(props, rec.boxes)
@@ -249,6 +256,18 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
     ft_key = stable_hash(kind, data_key, asdict(cfg.model), asdict(f), train_conv, cfg.run.seed,
                          None if init_backbone is None else stable_hash(
                              [v.cpu().numpy().tobytes() for v in init_backbone.values()]))
+    windows = _windows_for(train_set, train_props)
+    image_path = lambda i: load_image(train_set.folder / "JPEGImages" / f"{i}.jpg")  # noqa: E731
+    store = {}  # pooled features of every training window, when conv is frozen and they are kept
+
+    def window_store() -> dict | None:
+        if not f.window_features or train_conv:
+            return None
+        if not store:
+            store.update(pooled_window_features(detector, train_set.image_ids, image_path, windows,
+                                                desc=f"{kind} window features"))
+        return store
+
     done = stages.load("finetune", ft_key)
     if done is not None:
         detector.load_state_dict(done)
@@ -259,14 +278,13 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
         if snapshot is not None:
             logger.info(f"[{kind}] fine-tune: resuming at iteration {snapshot['iteration']}")
         state = finetune(
-            detector, train_set.image_ids, lambda i: load_image(train_set.folder / "JPEGImages" / f"{i}.jpg"),
-            _windows_for(train_set, train_props), iterations=f.iterations, lr=f.lr, lr_steps=f.lr_steps,
+            detector, train_set.image_ids, image_path, windows, iterations=f.iterations, lr=f.lr, lr_steps=f.lr_steps,
             gamma=f.gamma, momentum=f.momentum, weight_decay=f.weight_decay, batch_size=f.batch_size,
             images_per_batch=f.images_per_batch, fg_fraction=f.fg_fraction, fg_iou=f.fg_iou, bg_iou=f.bg_iou,
             flip=f.flip, random_scale=f.random_scale, train_conv=train_conv, conv_lr_mult=f.conv_lr_mult,
             feature_cache=f.feature_cache, cache_dir=run_dir / "cache" / "conv5", seed=cfg.run.seed,
             state=snapshot, checkpoint=lambda s: stages.save("finetune_snapshot", ft_key, s),
-            checkpoint_every=f.checkpoint_every, logger=logger)
+            checkpoint_every=f.checkpoint_every, logger=logger, window_features=window_store())
         stages.save("finetune", ft_key, detector.state_dict())
         _append_metrics(run_dir, [("finetune", h["iteration"], k, h[k]) for h in state["history"]
                                   for k in ("loss", "accuracy", "lr")])
@@ -276,7 +294,7 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
     done = stages.load("svm", svm_key)
     if done is None:
         t0 = time.time()
-        done = train_svms_and_regressors(detector, train_set, train_props, cfg, logger)
+        done = train_svms_and_regressors(detector, train_set, train_props, cfg, logger, window_store())
         stages.save("svm", svm_key, done)
         logger.info(f"[{kind}] SVMs and box regression: {time.time() - t0:.0f} s")
     else:

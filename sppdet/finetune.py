@@ -113,10 +113,14 @@ def finetune(detector: Detector, images: Sequence[str], load_image: Callable[[st
              random_scale: bool = False, train_conv: bool = False, conv_lr_mult: float = 1.0,
              feature_cache: str = "memory", cache_dir: Path | None = None, seed: int = 0,
              state: dict | None = None, checkpoint: Callable[[dict], None] | None = None,
-             checkpoint_every: int = 500, logger: logging.Logger | None = None) -> dict:
+             checkpoint_every: int = 500, logger: logging.Logger | None = None,
+             window_features: dict[str, torch.Tensor] | None = None) -> dict:
     """Train the fc head (and conv layers if `train_conv`) with softmax over K+1 classes.
 
     Each iteration draws `batch_size` windows from `images_per_batch` random training images.
+    `window_features` {image id: (R, D) pooled features of `windows[id].boxes`}, computed
+    once with the conv layers frozen (`pooled_window_features`), replaces the per-iteration
+    feature path for unflipped windows (R-CNN's warp + conv per window is the costly one).
     `state` resumes an interrupted run (from `checkpoint(state)` calls every
     `checkpoint_every` iterations) exactly: the same seed and arguments give the same weights
     as an uninterrupted run. The state holds the live model and optimizer tensors, so the
@@ -163,7 +167,10 @@ def finetune(detector: Detector, images: Sequence[str], load_image: Callable[[st
                 image = np.ascontiguousarray(image[:, ::-1])
                 boxes = flip_boxes(boxes, image.shape[1])
             boxes_t = torch.from_numpy(boxes)
-            if spp:
+            if window_features is not None and not mirrored and not train_conv:
+                # Frozen conv, unflipped: the window's pooled features never change.
+                pooled.append(window_features[image_id][torch.from_numpy(index)].to(detector.device).float())
+            elif spp:
                 scale_idx = (torch.from_numpy(rng.integers(0, len(detector.scales), len(boxes)))
                              if random_scale else detector.window_scales(image.shape, boxes_t))
                 ids = scale_idx.unique().tolist()
@@ -224,3 +231,17 @@ def _set_torch_rng(states: dict) -> None:
     torch.set_rng_state(states["cpu"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+@torch.no_grad()
+def pooled_window_features(detector: Detector, images: Sequence[str], load_image: Callable[[str], np.ndarray],
+                           windows: dict[str, TrainWindows], desc: str = "window features") -> dict[str, torch.Tensor]:
+    """{image id: pooled conv5 features (R, D) float16 on the CPU of `windows[id].boxes`}, with
+    the detector in eval mode: what fine-tuning, SVMs and box regression read when conv is frozen.
+    Memory: (windows per image) x D x 2 bytes per image, so for small datasets only."""
+    detector.eval()
+    out = {}
+    for image_id in tqdm(images, desc=desc, leave=False, dynamic_ncols=True):
+        boxes = torch.from_numpy(windows[image_id].boxes)
+        out[image_id] = detector.pooled_features(load_image(image_id), boxes).half().cpu()
+    return out
