@@ -59,6 +59,7 @@ class ModelConfig:
     max_size: int = 2000                  # cap on the resized long side, bounds memory [ours]
     projection: str = "paper"             # window -> conv5 rule: paper (App. A floor/ceil) | code (offset0 21, 6.5) [P/C 1.4]
     scale_rule: str = "paper"             # per-window scale: paper (area closest to 224^2) | code (208, scale units) [P/C 1.5]
+    pixel_std: Optional[float] = None     # divide mean-subtracted pixels by this (None: the backbone's own, 1 for ZF-5 as the paper); from scratch wants unit-scale input [ours]
     rcnn_input_size: int = 224            # R-CNN baseline: fixed warp size of a window [R 4]
     rcnn_context: int = 16                # R-CNN baseline: context pixels around the warped box [R 4]
     chunk: int = 512                      # windows per chunk through SPP + fc, bounds memory [ours]

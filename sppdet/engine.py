@@ -53,6 +53,10 @@ def build_detector(cfg: Config, num_classes: int, weights: str | None = None, ki
     if weights not in ("none", "imagenet"):
         weights = str(resolve(weights))
     backbone = build_backbone(m.backbone, width=m.width, weights=weights)
+    if m.pixel_std is not None:
+        if m.pixel_std <= 0:
+            raise SppdetError(f"config key model.pixel_std: must be positive, got {m.pixel_std}")
+        backbone.std = (float(m.pixel_std),) * 3  # preprocess reads it
     common = dict(levels=m.levels, fc_dim=m.fc_dim, dropout=m.dropout, chunk=m.chunk)
     if (kind or cfg.run.detector) == "rcnn":
         return RCNNDetector(backbone, num_classes, input_size=m.rcnn_input_size, context=m.rcnn_context, **common)
@@ -105,6 +109,8 @@ def detect_split(detector: Detector, dataset: VOCDataset, proposals: dict[str, n
     n = max(len(dataset), 1)
     times = {f"{k}_s": t.total / n for k, t in timers.items()}
     times["total_s"] = total.total / n
+    # R-CNN's crop + warp of each window is part of its feature path, as resizing is SPP's
+    times["conv_s"] = times.get("conv_s", 0.0) + times.pop("warp_s", 0.0)
     return results, times
 
 

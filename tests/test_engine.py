@@ -281,3 +281,17 @@ def test_train_script_unknown_key_lists_the_valid_ones(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: unknown config key svm.Cx; valid keys under svm: ")
     assert lines[0].split(": ", 2)[2].split(", ") == list(SVMConfig.__dataclass_fields__)
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_pixel_std_scales_the_network_input():
+    """model.pixel_std divides the mean-subtracted pixels (ZF-5: (v - 128) / std), for both
+    feature paths; None keeps the paper's raw Caffe input."""
+    image = np.array([[[0, 128, 255]]], np.uint8)
+    paper = engine.build_detector(load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=null"]), 5)
+    np.testing.assert_array_equal(paper.backbone.preprocess(image)[:, 0, 0].numpy(), [-128, 0, 127])
+    for kind in ("spp", "rcnn"):
+        cfg = load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=64"])
+        det = engine.build_detector(cfg, 5, kind=kind)
+        np.testing.assert_allclose(det.backbone.preprocess(image)[:, 0, 0].numpy(), [-2, 0, 127 / 64])
+    with pytest.raises(SppdetError, match="model.pixel_std"):
+        engine.build_detector(load_config("demo", ["model.pixel_std=0"]), 5)
