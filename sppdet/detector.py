@@ -60,10 +60,11 @@ class Detections:
         return len(self.scores)
 
 
-def _timed(timers: dict | None, name: str):
+def _timed(timers: dict | None, name: str, device: torch.device):
+    """The timer `name` of `timers` (created on first use), or a no-op without timers."""
     if timers is None:
         return contextlib.nullcontext()
-    return timers.setdefault(name, Timer())
+    return timers.setdefault(name, Timer(device))
 
 
 class Detector(nn.Module):
@@ -128,9 +129,9 @@ class Detector(nn.Module):
         proposals = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         pooled = self.pooled_features(image, proposals, timers)
         proposals = proposals.to(pooled.device)  # indexed below by (device) candidate indices
-        with _timed(timers, "fc"):
+        with _timed(timers, "fc", self.device):
             scores = self.svm_scores(self.fc7(pooled))
-        with _timed(timers, "nms"):
+        with _timed(timers, "nms", self.device):
             window, cls = (scores > score_thresh).nonzero(as_tuple=True)
             cand_scores = scores[window, cls]
             labels = cls + 1
@@ -178,7 +179,7 @@ class SPPDetector(Detector):
         for k in (range(len(self.scales)) if scale_ids is None else scale_ids):
             f = resize_factor(height, width, self.scales[k], self.max_size)
             size = (max(1, round(width * f)), max(1, round(height * f)))
-            with _timed(timers, "conv"):
+            with _timed(timers, "conv", self.device):
                 resized = cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
                 x = self.backbone.preprocess(resized)[None].to(self.device)
                 maps[k] = self.backbone(x)[0]
@@ -199,7 +200,7 @@ class SPPDetector(Detector):
             if len(sel) == 0:
                 continue
             f = resize_factor(height, width, self.scales[k], self.max_size)
-            with _timed(timers, "pool"):
+            with _timed(timers, "pool", self.device):
                 windows = project_boxes(boxes[sel] * f, self.backbone.stride, self.backbone.center0,
                                         conv5.shape[1], conv5.shape[2], rule=self.projection)
                 part = spp_pool(conv5, windows.to(conv5.device), self.levels)

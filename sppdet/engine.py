@@ -98,7 +98,7 @@ def detect_split(detector: Detector, dataset: VOCDataset, proposals: dict[str, n
     """Detect every image of a split -> ({image id: Detections}, seconds per image by part:
     conv, pool, fc, total (network, proposals excluded))."""
     timers: dict[str, Timer] = {}
-    total = Timer()
+    total = Timer(detector.device)
     results = {}
     for rec in tqdm(dataset, desc=desc, leave=False, dynamic_ncols=True):
         image = load_image(rec.path)

@@ -64,15 +64,15 @@ class RCNNDetector(Detector):
 
     def pooled_features(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
         """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D)."""
-        with _timed(timers, "warp"):
+        with _timed(timers, "warp", self.device):
             x = self.backbone.preprocess(image).to(self.device)
         parts = []
         for chunk in boxes.to(self.device).split(self.batch):
-            with _timed(timers, "warp"):
+            with _timed(timers, "warp", self.device):
                 crops = warp_windows(x, chunk, self.input_size, self.context)
-            with _timed(timers, "conv"):
+            with _timed(timers, "conv", self.device):
                 conv5 = self.backbone(crops)
-            with _timed(timers, "pool"):
+            with _timed(timers, "pool", self.device):
                 parts.append(spp_pool_maps(conv5, self.levels))
         if not parts:
             return torch.zeros(0, self.feature_dim, device=self.device)

@@ -78,18 +78,29 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
 
 
 class Timer:
-    """Accumulates wall time over calls: `with timer: ...`; `timer.average` is seconds per call."""
+    """Accumulates wall time over calls: `with timer: ...`; `timer.average` is seconds per call.
 
-    def __init__(self) -> None:
+    With a CUDA `device` it waits for the queued GPU work at both ends, so asynchronous kernels
+    are charged to the block that launched them."""
+
+    def __init__(self, device=None) -> None:
         self.total = 0.0
         self.calls = 0
         self._start = 0.0
+        self._cuda = device is not None and getattr(device, "type", str(device)) == "cuda"
+
+    def _sync(self) -> None:
+        if self._cuda:
+            import torch
+            torch.cuda.synchronize()
 
     def __enter__(self) -> "Timer":
+        self._sync()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._sync()
         self.total += time.perf_counter() - self._start
         self.calls += 1
 
