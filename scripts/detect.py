@@ -18,9 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import cv2  # noqa: E402
-
-from sppdet.utils import SppdetError, run_cli, write_json_atomic, atomic_path  # noqa: E402
+from sppdet.utils import SppdetError, run_cli, write_json_atomic  # noqa: E402
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -66,7 +64,7 @@ def main(argv=None) -> int:
     from sppdet.checkpoint import load_checkpoint
     from sppdet.proposals import selective_search
     from sppdet.utils import pick_device
-    from sppdet.vis import draw_detections
+    from sppdet.vis import draw_detections, write_image
     from sppdet.voc import load_image
 
     detector, cfg, classes = load_checkpoint(ckpt, pick_device(args.device))
@@ -100,10 +98,7 @@ def main(argv=None) -> int:
             records.append({"class": name, "score": float(score), "box": [float(v) for v in box]})
         out_dir.mkdir(parents=True, exist_ok=True)
         drawn = draw_detections(image, det.boxes[keep], det.scores[keep], det.labels[keep], classes)
-        with atomic_path(out_dir / f"{path.stem}.jpg") as tmp:
-            if not cv2.imwrite(str(tmp) + ".jpg", drawn):
-                raise SppdetError(f"{out_dir}: cannot write images here")
-            Path(str(tmp) + ".jpg").replace(tmp)
+        write_image(out_dir / f"{path.stem}.jpg", drawn)
         write_json_atomic(out_dir / f"{path.stem}.json", {
             "image": str(path), "width": image.shape[1], "height": image.shape[0],
             "box_format": "x1 y1 x2 y2, 0-based pixel indices, inclusive", "checkpoint": str(ckpt),
