@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -196,9 +195,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
     device = pick_device(args.device or cfg.run.device)
     dataset = VOCDataset(args.voc_root, args.year, args.split, classes=cfg.data.classes)
+    dataset.check_not_empty()
     records = dataset.records[: args.images]
-    if not records:
-        raise SppdetError(f"{dataset.folder}/ImageSets/Main/{args.split}.txt: the split is empty")
     n_rcnn = min(args.rcnn_images, len(records))
     proposals = load_proposals(records, cfg, args.max_proposals, args.proposal_cache)
     detectors = build_detectors(cfg, len(dataset.classes), device)

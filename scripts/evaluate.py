@@ -27,10 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from sppdet.evaluation import (coco_evaluate, collect_detections, evaluate_class,  # noqa: E402
-                               evaluate_detections, format_ap_table, missing_results_files,
-                               read_results_files, to_coco_ground_truth, to_coco_results,
-                               write_results_files)
+from sppdet.evaluation import (coco_evaluate, evaluate_class, evaluate_detections,  # noqa: E402
+                               format_ap_table, missing_results_files, read_results_files,
+                               to_coco_ground_truth, to_coco_results)
 from sppdet.utils import SppdetError, run_cli, write_json_atomic  # noqa: E402
 from sppdet.vis import draw_pr_curve, write_image  # noqa: E402
 from sppdet.voc import VOC_CLASSES, VOCDataset  # noqa: E402
@@ -104,7 +103,7 @@ def from_checkpoint(args, out_dir: Path):
     if args.classes is not None:
         raise SppdetError("--classes applies to --results-dir only: a checkpoint names its own classes")
     detector, cfg, classes = load_checkpoint(args.checkpoint, pick_device(args.device))
-    from sppdet.engine import detect_split, load_datasets, proposals_for  # loaded by load_checkpoint
+    from sppdet.engine import detect_to_results, load_datasets, proposals_for  # loaded by load_checkpoint
 
     data = {"classes": tuple(classes)}  # the detector's labels index these
     if args.voc_root is not None:  # another devkit: never generate the synthetic set into it
@@ -115,12 +114,9 @@ def from_checkpoint(args, out_dir: Path):
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     [dataset] = load_datasets(cfg, [args.split])
-    if not len(dataset):
-        raise SppdetError(f"{dataset.folder}/ImageSets/Main/{args.split}.txt: the split is empty")
+    dataset.check_not_empty()
     proposals = proposals_for(cfg, dataset)
-    results, times = detect_split(detector, dataset, proposals, cfg, desc=f"detect {args.split}")
-    detections = collect_detections(((i, d.boxes, d.scores, d.labels) for i, d in results.items()), classes)
-    write_results_files(out_dir, args.split, classes, detections)
+    detections, times = detect_to_results(detector, dataset, proposals, cfg, out_dir, desc=f"detect {args.split}")
     parts = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in times.items() if k != "total_s")
     notes = [f"{type(detector).__name__} from {args.checkpoint} on {detector.device}: "
              f"{np.mean([len(p) for p in proposals.values()]):.0f} proposals per image; network "

@@ -48,8 +48,7 @@ def main(argv=None):
     if args.max_boxes < 1 or args.min_size < 0 or (args.resize is not None and args.resize < 1):
         raise SppdetError("--max-boxes and --resize must be >= 1 and --min-size >= 0")
     dataset = VOCDataset(args.voc_root, args.year, args.split)
-    if len(dataset) == 0:
-        raise SppdetError(f"{dataset.folder}/ImageSets/Main/{args.split}.txt: the split is empty")
+    dataset.check_not_empty()
     run = compute_proposals_with_stats(
         dataset.records, mode=args.mode, max_boxes=args.max_boxes, min_size=args.min_size,
         resize=args.resize, cache_dir=args.cache_dir, workers=args.workers,

@@ -114,13 +114,21 @@ def detect_split(detector: Detector, dataset: VOCDataset, proposals: dict[str, n
     return results, times
 
 
-def evaluate_run(detector: Detector, dataset: VOCDataset, proposals, cfg: Config, out_dir: Path,
-                 logger: logging.Logger, desc: str = "evaluate") -> tuple[dict, dict]:
-    """Detect the split, write comp4 results files, score them -> (metrics, times)."""
+def detect_to_results(detector: Detector, dataset: VOCDataset, proposals, cfg: Config, results_dir: Path,
+                      desc: str = "detect") -> tuple[dict, dict[str, float]]:
+    """Detect the split and write its comp4 results files into `results_dir`
+    -> (detections by class as `collect_detections` gives them, seconds per image by part)."""
     results, times = detect_split(detector, dataset, proposals, cfg, desc=desc)
     detections = collect_detections(((i, d.boxes, d.scores, d.labels) for i, d in results.items()),
                                     dataset.classes)
-    write_results_files(out_dir / "results", dataset.split, dataset.classes, detections)
+    write_results_files(results_dir, dataset.split, dataset.classes, detections)
+    return detections, times
+
+
+def evaluate_run(detector: Detector, dataset: VOCDataset, proposals, cfg: Config, out_dir: Path,
+                 logger: logging.Logger, desc: str = "evaluate") -> tuple[dict, dict]:
+    """Detect the split, write comp4 results files, score them -> (metrics, times)."""
+    detections, times = detect_to_results(detector, dataset, proposals, cfg, out_dir / "results", desc)
     metrics = evaluate_detections(dataset.records, detections, dataset.classes, metric=cfg.test.metric)
     logger.info(format_ap_table(metrics, context=f"{type(detector).__name__} on {dataset.split}"))
     metrics = {k: metrics[k] for k in ("metric", "ap", "map")}
@@ -375,8 +383,7 @@ def _run(cfg: Config, resume: bool, run_dir: Path, logger: logging.Logger) -> di
     logger.info(f"run {run_dir} (resume={resume}), torch {torch.__version__}, device {pick_device(cfg.run.device)}")
     train_set, test_set = load_datasets(cfg, [cfg.data.train_split, cfg.data.test_split])
     train_set.check_trainable()
-    if not len(test_set):
-        raise SppdetError(f"{test_set.folder}/ImageSets/Main/{test_set.split}.txt: the split is empty")
+    test_set.check_not_empty()
     logger.info(f"data: {len(train_set)} {train_set.split} / {len(test_set)} {test_set.split} images, "
                 f"classes {', '.join(train_set.classes)}")
     t0 = time.time()

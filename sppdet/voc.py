@@ -183,10 +183,14 @@ class VOCDataset:
             np.add.at(counts, r.labels, 1)
         return {name: int(counts[i + 1]) for i, name in enumerate(self.classes)}
 
-    def check_trainable(self) -> None:
-        """Raise if the split is empty or a class has no training positives."""
+    def check_not_empty(self) -> None:
+        """Raise if the split lists no images (nothing to train on, detect or score)."""
         if not self.records:
             raise SppdetError(f"{self.folder}/ImageSets/Main/{self.split}.txt: the split is empty")
+
+    def check_trainable(self) -> None:
+        """Raise if the split is empty or a class has no training positives."""
+        self.check_not_empty()
         missing = [c for c, n in self.positives_per_class().items() if n == 0]
         if missing:
             raise SppdetError(
