@@ -31,7 +31,7 @@ from .finetune import finetune, label_windows, pooled_window_features
 from .proposals import compute_proposals
 from .rcnn import RCNNDetector
 from .svm import SVMTrainer, feature_scale
-from .utils import SppdetError, Timer, get_logger, pick_device, seed_everything, stable_hash, write_json_atomic, write_text_atomic
+from .utils import SppdetError, Timer, atomic_path, get_logger, pick_device, seed_everything, stable_hash, write_json_atomic, write_text_atomic
 from .voc import VOCDataset, load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +159,6 @@ class Stages:
         return payload["value"] if payload.get("key") == key else None
 
     def save(self, name: str, key: str, value) -> None:
-        from .utils import atomic_path
         with atomic_path(self.folder / f"{name}.pt") as tmp:
             torch.save({"key": key, "value": value}, tmp)
 
