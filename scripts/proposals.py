@@ -2,11 +2,13 @@
 recall at IoU 0.5 and 0.7, mean best overlap, boxes per image and seconds per image.
 
     python scripts/proposals.py --voc-root data/VOCdevkit --year 2007 --split test [--mode fast]
-        [--max-boxes 2000] [--min-size 20] [--resize N] [--workers N] [--cache-dir DIR]
+        [--max-boxes 2000] [--min-size 20] [--resize 500] [--workers N] [--cache-dir DIR]
         [--rebuild-cache] [--json OUT]
 
 Seconds per image is the search time measured when each image was computed; cached images
-report the time stored with them, so the figure means the same on a rerun.
+report the time stored with them, so the figure means the same on a rerun. The defaults are the
+pipeline's (`ProposalConfig`): the search runs with the image's short side at 500 px, boxes mapped
+back; `--resize 0` searches at the original size, as the paper.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sppdet.config import ProposalConfig  # noqa: E402
 from sppdet.proposals import MODES, compute_proposals_with_stats, proposal_recall  # noqa: E402
 from sppdet.utils import SppdetError, run_cli, write_json_atomic  # noqa: E402
 from sppdet.voc import VOCDataset  # noqa: E402
@@ -32,10 +35,14 @@ def parse_args(argv):
     p.add_argument("--voc-root", required=True, help="VOCdevkit folder (or the VOC<year> folder)")
     p.add_argument("--year", default="2007")
     p.add_argument("--split", default="test")
-    p.add_argument("--mode", default="fast", choices=MODES)
-    p.add_argument("--max-boxes", type=int, default=2000, help="keep the best-ranked N per image")
-    p.add_argument("--min-size", type=int, default=20, help="drop boxes narrower/shorter (px)")
-    p.add_argument("--resize", type=int, default=None, help="short side for the search (default: original)")
+    defaults = ProposalConfig()
+    p.add_argument("--mode", default=defaults.mode, choices=MODES)
+    p.add_argument("--max-boxes", type=int, default=defaults.max_boxes,
+                   help="keep the best-ranked N per image")
+    p.add_argument("--min-size", type=int, default=defaults.min_size,
+                   help="drop boxes narrower/shorter (px)")
+    p.add_argument("--resize", type=int, default=defaults.resize or 0,
+                   help="short side the search runs at (0: the original size, as the paper)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (0/1: in-process)")
     p.add_argument("--cache-dir", default=str(REPO / "cache" / "proposals"))
     p.add_argument("--rebuild-cache", action="store_true", help="recompute even cached images")
@@ -45,13 +52,14 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.max_boxes < 1 or args.min_size < 0 or (args.resize is not None and args.resize < 1):
-        raise SppdetError("--max-boxes and --resize must be >= 1 and --min-size >= 0")
+    if args.max_boxes < 1 or args.min_size < 0 or args.resize < 0:
+        raise SppdetError("--max-boxes must be >= 1, --min-size and --resize >= 0")
+    resize = args.resize or None  # 0: the original size
     dataset = VOCDataset(args.voc_root, args.year, args.split)
     dataset.check_not_empty()
     run = compute_proposals_with_stats(
         dataset.records, mode=args.mode, max_boxes=args.max_boxes, min_size=args.min_size,
-        resize=args.resize, cache_dir=args.cache_dir, workers=args.workers,
+        resize=resize, cache_dir=args.cache_dir, workers=args.workers,
         rebuild=args.rebuild_cache)
     stats = proposal_recall(dataset.records, run.boxes)
     seconds = list(run.seconds.values())
@@ -63,7 +71,7 @@ def main(argv=None):
               f"{', '.join(list(run.failures)[:10])}", file=sys.stderr)
     print(f"{args.split} ({len(dataset)} images, {stats['num_gt']} non-difficult objects), "
           f"mode {args.mode}, max {args.max_boxes} boxes, min size {args.min_size}, "
-          f"resize {args.resize}:")
+          f"resize {resize or 'none (original size)'}:")
     print(f"  recall@0.5 {stats['recall@0.5']:.3f}  recall@0.7 {stats['recall@0.7']:.3f}  "
           f"MABO {stats['mabo']:.3f} (class-averaged {stats['mabo_class']:.3f})  "
           f"boxes/image {stats['boxes_per_image']:.0f}  s/image {stats['seconds_per_image']:.2f}")

@@ -42,7 +42,9 @@ class ProposalConfig:
     mode: str = "fast"                    # selective search: fast | quality | opencv_fast | opencv_quality [P 1.6]
     max_boxes: int = 2000                 # keep the best-ranked boxes per image [P 4.1 "about 2,000"]
     min_size: int = 20                    # drop boxes narrower or shorter than this, original pixels [C/SS]
-    resize: Optional[int] = None          # short side for the search (None: original size); boxes mapped back [ours]
+    resize: Optional[int] = 500           # short side the search runs at, boxes mapped back; null: the original
+                                          # size (the paper). Selective search is not scale invariant: a canonical
+                                          # size, as R-CNN's wrapper (width 500); recall figures in README [ours]
     cache_dir: str = "cache/proposals"    # per-image cache, keyed on parameters and image content [ours]
     workers: int = 2                      # processes for the search [ours]
 

@@ -79,7 +79,7 @@ def test_benchmark_end_to_end(tmp_path):
                 "--threads", "2", "--device", "cpu", "--proposal-cache", str(tmp_path / "cache"),
                 "--json", str(out), "--set", "model.width=0.25", "model.fc_dim=64",
                 "model.max_size=800",  # caps the 5 scales' long side at 800: a cheaper conv
-                "proposals.min_size=4", "proposals.workers=1")
+                "proposals.min_size=4", "proposals.resize=null", "proposals.workers=1")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["threads"] == 2 and result["device"].startswith("cpu")

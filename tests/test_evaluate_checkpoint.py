@@ -35,7 +35,8 @@ def setup(tmp_path_factory):
     devkit = write_devkit(tmp / "devkit", OBJECTS, split="test")
     cfg = load_config(None, [f"data.root={devkit}", f"data.classes=[{','.join(CLASSES)}]",
                              f"proposals.cache_dir={tmp / 'proposals'}", "proposals.max_boxes=50",
-                             "proposals.min_size=4", "proposals.workers=1", "model.weights=none",
+                             "proposals.min_size=4", "proposals.resize=null", "proposals.workers=1",
+                             "model.weights=none",
                              "model.width=0.125", "model.fc_dim=32", "model.scales=[96]",
                              "run.device=cpu", "run.threads=1"])
     torch.manual_seed(0)

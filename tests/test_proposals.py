@@ -344,9 +344,9 @@ def test_script_json_and_errors(tmp_path):
     }, split="test")
     out = tmp_path / "out.json"
     res = _script("--voc-root", root, "--split", "test", "--cache-dir", tmp_path / "cache",
-                  "--workers", 1, "--max-boxes", 100, "--json", out)
+                  "--workers", 1, "--max-boxes", 100, "--resize", 0, "--json", out)
     assert res.returncode == 0, res.stderr
-    assert "recall@0.5" in res.stdout
+    assert "recall@0.5" in res.stdout and "resize none (original size)" in res.stdout
     stats = json.loads(out.read_text())
     assert list(stats) == ["recall@0.5", "recall@0.7", "mabo", "boxes_per_image",
                            "seconds_per_image", "num_gt", "num_images"]
@@ -359,3 +359,6 @@ def test_script_json_and_errors(tmp_path):
     assert "not a VOC devkit" in missing.stderr
     no_split = _script("--voc-root", root, "--split", "val")
     assert no_split.returncode == 1 and "split file not found" in no_split.stderr
+    bad = _script("--voc-root", root, "--split", "test", "--resize", -1)
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "error: --max-boxes must be >= 1, --min-size and --resize >= 0"
