@@ -25,6 +25,11 @@ factor comes from a seeded generator, so the output is a deterministic function 
 and the parameters. The stock modes keep OpenCV's order (with rand() seeded, see
 `_seed_libc_rand`).
 
+Scale. The search is not scale invariant (k, minSize and the minimum box size are pixels). The
+functions here search at the size they are given unless told to `resize`; the pipeline
+(`ProposalConfig.resize`) searches a copy with a 500-px short side and maps the boxes back, which
+measured better recall on VOC photographs than the original size (README).
+
 Boxes are float32 ``[x1, y1, x2, y2]``, 0-based, x2/y2 inclusive, in original-image pixels.
 """
 from __future__ import annotations
