@@ -225,36 +225,37 @@ class ZF5(Backbone):
 
 # ----------------------------------------------------------------------------- torchvision
 
-class AlexNetTrunk(_TorchvisionBackbone):
+class _FeaturesTrunk(_TorchvisionBackbone):
+    """A torchvision classifier's `features` Sequential without its last max-pool."""
+
+    def __init__(self, name: str, out_channels: int, features: nn.Sequential) -> None:
+        super().__init__()
+        self.name, self.out_channels = name, out_channels
+        self.features = features[:-1]
+        self._finish()
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class AlexNetTrunk(_FeaturesTrunk):
     """torchvision AlexNet `features` up to conv5's ReLU (the last max-pool dropped): stride 16,
     256 channels, center0 15, receptive field 163; 224 -> 13x13."""
 
     weights_enum = torchvision.models.AlexNet_Weights
 
     def __init__(self) -> None:
-        super().__init__()
-        self.name, self.out_channels = "alexnet", 256
-        self.features = torchvision.models.alexnet(weights=None).features[:-1]
-        self._finish()
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        super().__init__("alexnet", 256, torchvision.models.alexnet(weights=None).features)
 
 
-class VGG16Trunk(_TorchvisionBackbone):
+class VGG16Trunk(_FeaturesTrunk):
     """torchvision VGG16 `features` up to conv5_3's ReLU (pool5 dropped): stride 16, 512
     channels, center0 7.5, receptive field 196; 224 -> 14x14."""
 
     weights_enum = torchvision.models.VGG16_Weights
 
     def __init__(self) -> None:
-        super().__init__()
-        self.name, self.out_channels = "vgg16", 512
-        self.features = torchvision.models.vgg16(weights=None).features[:-1]
-        self._finish()
-
-    def trunk(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        super().__init__("vgg16", 512, torchvision.models.vgg16(weights=None).features)
 
 
 class ResNet50C4(_TorchvisionBackbone):
