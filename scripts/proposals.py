@@ -16,16 +16,11 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sppdet.config import ProposalConfig  # noqa: E402
-from sppdet.proposals import MODES, compute_proposals_with_stats, proposal_recall  # noqa: E402
-from sppdet.utils import SppdetError, run_cli, write_json_atomic  # noqa: E402
-from sppdet.voc import VOCDataset  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from sppdet.config import ProposalConfig, resolve
+from sppdet.proposals import MODES, compute_proposals_with_stats, proposal_recall
+from sppdet.utils import SppdetError, run_cli, write_json_atomic
+from sppdet.voc import VOCDataset
 JSON_KEYS = ("recall@0.5", "recall@0.7", "mabo", "boxes_per_image", "seconds_per_image",
              "num_gt", "num_images")
 
@@ -44,7 +39,7 @@ def parse_args(argv):
     p.add_argument("--resize", type=int, default=defaults.resize or 0,
                    help="short side the search runs at (0: the original size, as the paper)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (0/1: in-process)")
-    p.add_argument("--cache-dir", default=str(REPO / "cache" / "proposals"))
+    p.add_argument("--cache-dir", default=str(resolve(defaults.cache_dir)))
     p.add_argument("--rebuild-cache", action="store_true", help="recompute even cached images")
     p.add_argument("--json", default=None, help="write the figures to this JSON file")
     return p.parse_args(argv)

@@ -9,13 +9,9 @@ Writes runs/<name>/: config.yaml, train.log, metrics.json, metrics.csv, model.pt
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sppdet.config import load_config  # noqa: E402
-from sppdet.utils import run_cli  # noqa: E402
+from sppdet.config import load_config
+from sppdet.utils import run_cli
 
 
 def main(argv=None) -> int:
@@ -27,7 +23,7 @@ def main(argv=None) -> int:
                         help="reuse the finished stages of runs/<name> and continue an interrupted one")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, list(args.set) + list(args.overrides))
-    from sppdet.engine import run_training
+    from sppdet.engine import run_training  # after the config is known good: torch, sklearn load here
     run_training(cfg, resume=args.resume)
     return 0
 

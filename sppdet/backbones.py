@@ -87,17 +87,24 @@ def map_size(layers: list[Layer], n: int) -> int:
 
 # ----------------------------------------------------------------------------- base class
 
+# State-dict keys of the pixel preprocessing (part of a backbone's state, so checkpoints and
+# converted weights carry it; optional when a plain trunk state dict is loaded).
+PREPROCESS_KEYS = ("pixel_mean", "pixel_std", "pixel_bgr")
+
+
 class Backbone(nn.Module):
     """A conv trunk plus its preprocessing and geometry; subclasses build the layers.
 
     Attributes: name, out_channels, stride (16), center0, receptive_field, rcnn_input_size,
     layers (list of (kernel, stride, pad, ceil_mode)), channels_last (see use_channels_last).
+    Buffers `pixel_mean` (3,), `pixel_std` (3,) in 0..255 units and `pixel_bgr` (): the input is
+    (pixel - mean) / std with channels in BGR (else RGB) order; the class defaults `bgr`, `mean`,
+    `std` initialise them (`set_preprocessing` changes them, e.g. for converted Caffe weights).
     """
 
     name: str
     out_channels: int
     rcnn_input_size: int = 224
-    # Preprocessing in 0..255 units: out = (pixel - mean) / std, channels in BGR or RGB order.
     bgr: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -107,7 +114,25 @@ class Backbone(nn.Module):
         self.layers = trunk_layers(self)
         self.stride, self.center0, self.receptive_field = conv_geometry(self.layers)
         assert self.stride == 16, (self.name, self.stride)
+        self.register_buffer("pixel_mean", torch.tensor(self.mean, dtype=torch.float64))
+        self.register_buffer("pixel_std", torch.tensor(self.std, dtype=torch.float64))
+        self.register_buffer("pixel_bgr", torch.tensor(self.bgr))
         self.use_channels_last(True)
+
+    def set_preprocessing(self, bgr: bool | None = None, mean=None, std=None) -> "Backbone":
+        """Change the pixel preprocessing (None keeps a value); mean/std: 3 values or one."""
+        if bgr is not None:
+            self.pixel_bgr.fill_(bool(bgr))
+        for buffer, value in ((self.pixel_mean, mean), (self.pixel_std, std)):
+            if value is not None:
+                buffer.copy_(torch.as_tensor(value, dtype=torch.float64).expand(3))
+        if bool((self.pixel_std <= 0).any()):
+            raise SppdetError(f"{self.name}: pixel std must be positive, got {self.pixel_std.tolist()}")
+        return self
+
+    def preprocessing(self) -> dict:
+        """{"bgr": bool, "mean": [3 floats], "std": [3 floats]} in 0..255 units."""
+        return {"bgr": bool(self.pixel_bgr), "mean": self.pixel_mean.tolist(), "std": self.pixel_std.tolist()}
 
     def use_channels_last(self, on: bool = True) -> "Backbone":
         """Run the trunk in NHWC (channels_last) memory format, weights and input (default on).
@@ -136,19 +161,20 @@ class Backbone(nn.Module):
         """uint8 BGR image (H, W, 3), or a stack (N, H, W, 3) -> float32 (3, H, W) / (N, 3, H, W).
 
         ZF-5: BGR minus 128, no scaling (the paper's Caffe input). torchvision trunks: RGB in
-        [0, 1] normalised with the ImageNet mean/std. The result is a view in HWC memory order
-        (channels_last once batched), which `forward` uses on CPU without a copy.
+        [0, 1] normalised with the ImageNet mean/std. Both as the `pixel_*` buffers say. The
+        result is a view in HWC memory order (channels_last once batched), which `forward` uses
+        on CPU without a copy.
         """
         if image_bgr.dtype != np.uint8 or image_bgr.ndim not in (3, 4) or image_bgr.shape[-1] != 3:
             raise ValueError(f"expected a uint8 (H, W, 3) or (N, H, W, 3) BGR image, "
                              f"got {image_bgr.dtype} {image_bgr.shape}")
         shape = image_bgr.shape
         img = np.ascontiguousarray(image_bgr).reshape(-1, shape[-2], 3)  # cv2 takes (rows, W, 3)
-        if not self.bgr:
+        if not bool(self.pixel_bgr):
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         # A per-channel 256-entry table: ~30x faster than float arithmetic on the image, and
         # each value is (v - mean) / std computed in float64, then rounded once.
-        lut = (np.arange(256.0)[:, None] - self.mean) / np.array(self.std)
+        lut = (np.arange(256.0)[:, None] - self.pixel_mean.cpu().numpy()) / self.pixel_std.cpu().numpy()
         out = cv2.LUT(img, lut.astype(np.float32).reshape(1, 256, 3))
         return torch.from_numpy(out.reshape(shape)).movedim(-1, -3)
 
@@ -286,30 +312,29 @@ BACKBONES = {"zf5": ZF5, "alexnet": AlexNetTrunk, "vgg16": VGG16Trunk, "resnet50
 def build_backbone(name: str, width: float = 1.0, weights: str = "none") -> Backbone:
     """Backbone `name` in BACKBONES with `weights`: "none" (random init, reproducible under
     torch.manual_seed), "imagenet" (torchvision's ImageNet weights; not for zf5), or the path of
-    a torch.save'd state dict (the trunk's own keys or a full torchvision model's, optionally
-    wrapped as {"state_dict": ...} / {"model": ...} or under a key prefix like "module.").
-    `width` (zf5 only) scales the channel counts; pretrained weights need width 1.0.
+    a weights file (see `read_weights`; the trunk's own keys or a full torchvision model's,
+    optionally under a key prefix like "module."). `width` (zf5 only) scales the channel counts;
+    a weights file must match it (shapes are checked).
     """
     if name not in BACKBONES:
         raise SppdetError(f"model.backbone={name!r} is unknown; choose one of {sorted(BACKBONES)}")
     if name != "zf5" and width != 1.0:
         raise SppdetError(f"model.width={width} is only supported for zf5, not {name}")
-    if weights != "none" and width != 1.0:
-        raise SppdetError(f"model.width={width}: pretrained weights ({weights}) need width 1.0")
     net = BACKBONES[name](width) if name == "zf5" else BACKBONES[name]()
     if weights == "imagenet":
-        load_state_dict_checked(net, _imagenet_state_dict(net), f"torchvision {name} ImageNet weights")
+        load_state_dict_checked(net, imagenet_state_dict(net), f"torchvision {name} ImageNet weights")
     elif weights != "none":
         load_weights_file(net, weights)
     return net
 
 
-def _imagenet_state_dict(net: Backbone) -> dict:
+def imagenet_state_dict(net: Backbone) -> dict:
+    """torchvision's ImageNet state dict of the classifier `net` is cut from (downloaded once,
+    then read from torch's cache), classifier included."""
     if not isinstance(net, _TorchvisionBackbone):
         raise SppdetError(
             f"model.weights=imagenet: torchvision has no {net.name} weights; convert the released "
-            f"SPP_net Caffe model (conv1..conv5) to a state dict with keys conv1.weight ... conv5.bias "
-            f"and pass model.weights=/path/to/file.pth")
+            f"SPP_net Caffe model with scripts/convert_caffe.py and pass model.weights=/path/to/file.pth")
     spec = net.weights_enum.IMAGENET1K_V1
     try:
         return spec.get_state_dict(progress=True, check_hash=True)
@@ -320,9 +345,12 @@ def _imagenet_state_dict(net: Backbone) -> dict:
             f"({reason}); download that file elsewhere and pass model.weights=/path/to/file.pth") from e
 
 
-def load_weights_file(net: Backbone, path: str | os.PathLike) -> None:
-    """Load a torch.save'd state dict from `path` into `net` (see build_backbone); every problem
-    is a SppdetError naming the file."""
+def read_weights(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state dict, meta) of a weights file: a torch.save'd state dict (name -> tensor), optionally
+    wrapped as {"state_dict": ..., "meta": {...}} (what scripts/pretrain.py and
+    scripts/convert_caffe.py write) or {"model": ...}. meta may hold "input": {"bgr", "mean", "std"}
+    (the preprocessing the weights expect) and "levels" (the pyramid their fc6 saw). Every
+    problem is a SppdetError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise SppdetError(f"model.weights={str(path)!r}: no such file (use 'none', 'imagenet' or "
@@ -332,12 +360,24 @@ def load_weights_file(net: Backbone, path: str | os.PathLike) -> None:
     except Exception as e:  # pickle, zip and torch errors all mean "not a readable state dict"
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         raise SppdetError(f"{path}: cannot read as a torch state dict ({reason})") from e
+    meta = obj.get("meta") if isinstance(obj, dict) and isinstance(obj.get("meta"), dict) else {}
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise SppdetError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-    load_state_dict_checked(net, obj, str(path))
+    return obj, meta
+
+
+def load_weights_file(net: Backbone, path: str | os.PathLike) -> tuple[dict, dict]:
+    """Load the trunk of the weights file at `path` into `net`, with the preprocessing its meta
+    names; returns the file's (state dict, meta) for what else it holds (fc6/fc7)."""
+    state, meta = read_weights(path)
+    load_state_dict_checked(net, state, str(path))
+    if isinstance(meta.get("input"), dict):
+        i = meta["input"]
+        net.set_preprocessing(bgr=i.get("bgr"), mean=i.get("mean"), std=i.get("std"))
+    return state, meta
 
 
 def load_state_dict_checked(net: Backbone, state: dict, source: str) -> None:
@@ -345,13 +385,15 @@ def load_state_dict_checked(net: Backbone, state: dict, source: str) -> None:
     ignored. Missing keys or shape mismatches -> SppdetError naming `source` and the first few."""
     own = net.state_dict()
     # Find the prefix (e.g. "module.", "backbone.") under which `state` holds the trunk: the
-    # shortest key ending with our first key.
-    first = next(iter(own))
+    # shortest key ending with our first layer's key.
+    first = next(k for k in own if k not in PREPROCESS_KEYS)
     hits = sorted((k for k in state if k == first or k.endswith("." + first)), key=len)
     prefix = hits[0][: -len(first)] if hits else ""
     picked = {k: state[prefix + k] for k in own if prefix + k in state}
-    # FrozenBatchNorm2d has no num_batches_tracked; plain BN buffers of that name are optional.
-    missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")]
+    # FrozenBatchNorm2d has no num_batches_tracked; plain BN buffers of that name are optional,
+    # and so is the preprocessing (a plain trunk state dict keeps the backbone's own).
+    missing = [k for k in own if k not in picked and not k.endswith("num_batches_tracked")
+               and k not in PREPROCESS_KEYS]
     bad = [f"{k}: expected {tuple(own[k].shape)}, found {tuple(v.shape)}"
            for k, v in picked.items() if v.shape != own[k].shape]
     if missing or bad:

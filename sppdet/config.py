@@ -3,12 +3,13 @@
 Defaults live here, one line of meaning and source per field ([P] the paper, PAPER.md section;
 [C] the official SPP_net code; [R] R-CNN; [ours] this project). A YAML file holds only deltas,
 optionally on top of one ``base:`` file. Command-line overrides are ``key.sub=value`` pairs
-parsed as YAML. An unknown key or a wrong type is a SppdetError naming the dotted key and
-listing the valid ones.
+parsed as YAML. An unknown key, a wrong type or a value outside its range (`RULES`) is a
+SppdetError naming the dotted key and what is allowed.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,14 @@ import yaml
 from .utils import SppdetError, write_text_atomic
 from .voc import VOC_CLASSES
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "configs"
+
+
+def resolve(path: str | Path) -> Path:
+    """Relative paths in configs are relative to the repository (where configs/ lives)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO / p
 
 
 @dataclass(frozen=True)
@@ -29,7 +37,8 @@ class DataConfig:
     year: str = "2007"                    # VOC<year> sub-folder [ours]
     train_split: str = "trainval"         # ImageSets/Main/<split>.txt used for training [P 2.4]
     test_split: str = "test"              # split evaluated at the end of training [P 2.4]
-    classes: tuple[str, ...] = VOC_CLASSES  # object classes, labels 1..K in this order; 0 = background [ours]
+    classes: tuple[str, ...] = VOC_CLASSES  # object classes, labels 1..K in this order; 0 = background. A list other
+                                          # than VOC's 20 may be a subset: objects of other classes are ignored [ours]
     synthetic: bool = False               # generate the embedded synthetic dataset into `root` on first use (a devkit of your own there is used as is) [ours]
     synthetic_seed: int = 0               # seed of the synthetic dataset [ours]
     synthetic_trainval: int = 200         # synthetic dataset: images in trainval [ours]
@@ -85,9 +94,10 @@ class FinetuneConfig:
     random_scale: bool = False            # random scale per window instead of the best one [C]
     train_conv: bool = False              # also fine-tune conv1..conv5 through the pyramid pooling [ours]
     conv_lr_mult: float = 1.0             # lr multiplier of the conv layers when train_conv [ours]
-    feature_cache: str = "memory"         # frozen conv5 maps: memory | disk (fp16 .npy per image) | none [ours]
+    feature_cache: str = "memory"         # frozen conv, features computed once and reused by every training stage
+                                          # (SPP: conv5 maps per image and scale; R-CNN: pooled windows), fp16:
+                                          # memory | disk (under the run folder) | none (recompute) [ours]
     checkpoint_every: int = 500           # iterations between resumable snapshots [ours]
-    window_features: bool = False         # frozen conv: pool every training window once, keep it in memory (fp16) for fine-tuning, SVMs, box regression; small datasets [ours]
 
 
 @dataclass(frozen=True)
@@ -113,10 +123,16 @@ class BBoxRegConfig:
 
 @dataclass(frozen=True)
 class TestConfig:
+    scorer: str = "svm"                   # svm: per-class linear SVM margins on fc7 [P 2.4] | softmax: the fine-tuned
+                                          # fc8's class probabilities (Fast R-CNN found them about as good) [ours]
     nms: float = 0.3                      # per-class NMS IoU [P 2.4]
-    score_thresh: float = -1.5            # drop windows scoring below this before NMS [C 2.4]
-    max_per_image: int = 100              # detections kept per image per class [C 2.4]
-    metric: str = "voc07"                 # voc07 (11-point) | voc10 (area) [P 2.4]
+    score_thresh: float = -1.5            # candidates: windows scoring below this are dropped before NMS, for
+                                          # evaluation (SVM margin; softmax: use 0.0..0.05) [C 2.4]
+    draw_thresh: Optional[float] = None   # detections the Predictor / detect.py report and draw; null: the
+                                          # scorer's decision boundary (SVM margin 0, softmax probability 0.5) [ours]
+    max_per_class: int = 100              # detections kept per image and class [C 2.4]
+    max_per_image: int = 100              # detections kept per image, all classes together [ours]
+    metric: str = "voc07"                 # voc07 (11-point, MATLAB thresholds) | voc07_py | voc10 (area) [P 2.4]
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,7 @@ class RunConfig:
     name: str = ""                        # runs/<name>/ (default: the config file's name) [ours]
     output_dir: str = "runs"              # parent folder of every run [ours]
     seed: int = 0                         # python, numpy, torch and SVM seeds [ours]
-    device: str = "auto"                  # auto (CUDA if present) | cpu | cuda [ours]
+    device: str = "auto"                  # auto (CUDA if present) | cpu | cuda | cuda:N [ours]
     threads: int = 0                      # torch CPU threads (0 = torch's default) [ours]
     detector: str = "spp"                 # spp | rcnn: which feature path this run trains [ours]
     compare_rcnn: bool = False            # also train the R-CNN baseline on the same conv weights and compare [ours]
@@ -151,8 +167,72 @@ CHOICES = {
     "model.projection": ("paper", "code"),
     "model.scale_rule": ("paper", "code"),
     "finetune.feature_cache": ("memory", "disk", "none"),
-    "test.metric": ("voc07", "voc10"),
+    "test.scorer": ("svm", "softmax"),
+    "test.metric": ("voc07", "voc07_py", "voc10"),
     "run.detector": ("spp", "rcnn"),
+}
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _unit(v) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _positive_list(v) -> bool:
+    return len(v) > 0 and all(x > 0 for x in v)
+
+
+# key -> (test, what is allowed): checked where the config is parsed, one line per bad value
+RULES = {
+    "data.max_images": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "data.synthetic_trainval": (lambda v: v >= 1, "an integer >= 1"),
+    "data.synthetic_test": (lambda v: v >= 1, "an integer >= 1"),
+    "proposals.max_boxes": (lambda v: v >= 1, "an integer >= 1"),
+    "proposals.min_size": (lambda v: v >= 0, "an integer >= 0"),
+    "proposals.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "proposals.workers": (lambda v: v >= 0, "an integer >= 0"),
+    "model.width": (lambda v: 0 < v <= 4, "in (0, 4]"),
+    "model.levels": (_positive_list, "a non-empty list of positive integers"),
+    "model.fc_dim": (lambda v: v >= 1, "an integer >= 1"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "model.scales": (_positive_list, "a non-empty list of positive integers"),
+    "model.max_size": (lambda v: v >= 1, "an integer >= 1"),
+    "model.pixel_std": (lambda v: v is None or v > 0, "null or > 0"),
+    "model.rcnn_input_size": (lambda v: v >= 16, "an integer >= 16"),
+    "model.rcnn_context": (lambda v: v >= 0, "an integer >= 0"),
+    "model.chunk": (lambda v: v >= 1, "an integer >= 1"),
+    "finetune.iterations": (lambda v: v >= 0, "an integer >= 0"),
+    "finetune.lr": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.lr_steps": (lambda v: all(x >= 0 for x in v), "a list of integers >= 0"),
+    "finetune.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "finetune.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finetune.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "finetune.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "finetune.images_per_batch": (lambda v: v >= 1, "an integer >= 1"),
+    "finetune.fg_fraction": (_unit, "in [0, 1]"),
+    "finetune.fg_iou": (_unit, "in [0, 1]"),
+    "finetune.bg_iou": (lambda v: 0 <= v[0] <= v[1] <= 1, "two values lo <= hi in [0, 1]"),
+    "finetune.fc8_std": (lambda v: v > 0, "> 0"),
+    "finetune.conv_lr_mult": (lambda v: v >= 0, ">= 0"),
+    "finetune.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
+    "svm.C": (lambda v: v > 0, "> 0"),
+    "svm.pos_weight": (lambda v: v > 0, "> 0"),
+    "svm.bias_mult": (lambda v: v > 0, "> 0"),
+    "svm.neg_iou": (_unit, "in [0, 1]"),
+    "svm.neg_overlap_prune": (lambda v: v is None or _unit(v), "null or in [0, 1]"),
+    "svm.retrain_every": (lambda v: v >= 1, "an integer >= 1"),
+    "svm.target_norm": (lambda v: v > 0, "> 0"),
+    "bbox_reg.min_iou": (_unit, "in [0, 1]"),
+    "bbox_reg.lam": (lambda v: v >= 0, ">= 0"),
+    "bbox_reg.max_per_image": (lambda v: v >= 1, "an integer >= 1"),
+    "test.nms": (_unit, "in [0, 1]"),
+    "test.max_per_class": (lambda v: v >= 1, "an integer >= 1"),
+    "test.max_per_image": (lambda v: v >= 1, "an integer >= 1"),
+    "run.seed": (lambda v: v >= 0, "an integer >= 0"),
+    "run.device": (lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "auto, cpu, cuda or cuda:N"),
+    "run.threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch's default)"),
+    "run.name": (lambda v: "/" not in v and v not in (".", ".."), "a folder name (no '/')"),
 }
 
 
@@ -219,6 +299,8 @@ def _build(cls, values: dict, prefix: str):
             kwargs[name] = _coerce(value, tp, key)
             if key in CHOICES and kwargs[name] not in CHOICES[key]:
                 raise SppdetError(f"config key {key}: {kwargs[name]!r} is not one of {', '.join(CHOICES[key])}")
+            if key in RULES and not RULES[key][0](kwargs[name]):
+                raise SppdetError(f"config key {key}: {kwargs[name]!r} is not allowed; expected {RULES[key][1]}")
     return cls(**kwargs)
 
 
@@ -263,18 +345,30 @@ def parse_override(item: str) -> dict:
     return out
 
 
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """The values of a config file merged on top of its `base:` chain (a base's base first).
+    A base path is relative to the file naming it, else found like --config."""
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(p.name for p in (*seen, path))
+        raise SppdetError(f"{path}: circular base: chain ({chain})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise SppdetError(f"{path}: base: expected a config name or path, got {base!r}")
+    beside = path.parent / base
+    base_values = _read_chain(find_config(beside if beside.is_file() else base), (*seen, path))
+    return _merge(base_values, data)
+
+
 def load_config(name: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults <- optional `base:` file <- the config file <- `key=value` overrides."""
+    """Defaults <- the `base:` chain <- the config file <- `key=value` overrides."""
     values: dict = {}
     if name is not None:
         path = find_config(name)
-        data = _read_yaml(path)
-        base = data.pop("base", None)
-        if base is not None:
-            base_data = _read_yaml(find_config(path.parent / base if (path.parent / base).is_file() else base))
-            base_data.pop("base", None)
-            values = _merge(values, base_data)
-        values = _merge(values, data)
+        values = _read_chain(path)
         run = values.setdefault("run", {})
         if isinstance(run, dict) and not run.get("name"):
             run["name"] = path.stem

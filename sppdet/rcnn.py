@@ -1,10 +1,10 @@
-"""The R-CNN baseline (Girshick et al. 2014) on the same network as SPP-net.
+"""The R-CNN baseline's feature path (Girshick et al. 2014) on the same network as SPP-net.
 
 Each proposal is dilated so that `context` pixels of image surround it in the warped crop,
 warped anisotropically to `input_size` x `input_size`, and run through conv1..conv5 on its own;
 the conv5 map of the crop is pooled by the same pyramid and fed to the same fc head, SVMs and
-box regression (`Detector`). Only the feature path differs from `SPPDetector`, which is what
-the paper's Table 10 compares.
+box regression (`sppdet.detector.Detector`). Only the feature path differs from SPP-net's
+(`sppdet.features.SPPFeatures`), which is what the paper's Table 10 compares.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from .detector import Detector, _timed
+from .features import WindowFeatures, timed
 from .spp import spp_pool_maps
 
 
@@ -52,28 +52,35 @@ def warp_windows(image: torch.Tensor, boxes: torch.Tensor, input_size: int, cont
     return crops * inside[:, None].to(crops.dtype)
 
 
-class RCNNDetector(Detector):
+class RCNNFeatures(WindowFeatures):
     """Per-window features: warp -> conv1..conv5 -> pyramid pooling of the fixed-size map."""
 
-    def __init__(self, backbone, num_classes, levels=(6, 3, 2, 1), fc_dim=4096, dropout=0.5,
-                 chunk=512, input_size: int = 224, context: int = 16, batch: int = 64):
-        super().__init__(backbone, num_classes, levels, fc_dim, dropout, chunk)
+    kind = "rcnn"
+
+    def __init__(self, backbone, levels=(6, 3, 2, 1), input_size: int = 224, context: int = 16,
+                 batch: int = 64):
+        super().__init__(backbone, levels)
         self.input_size = input_size
         self.context = context
         self.batch = batch  # warped windows per conv pass
 
-    def pooled_features(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
-        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D)."""
-        with _timed(timers, "warp", self.device):
+    def settings(self) -> dict:
+        return {**super().settings(), "input_size": self.input_size, "context": self.context}
+
+    def forward(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
+        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D).
+        Crop + warp is timed as "warp", the conv passes as "conv", pooling as "pool"."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        with timed(timers, "warp", self.device):
             x = self.backbone.preprocess(image).to(self.device)
         parts = []
         for chunk in boxes.to(self.device).split(self.batch):
-            with _timed(timers, "warp", self.device):
+            with timed(timers, "warp", self.device):
                 crops = warp_windows(x, chunk, self.input_size, self.context)
-            with _timed(timers, "conv", self.device):
+            with timed(timers, "conv", self.device):
                 conv5 = self.backbone(crops)
-            with _timed(timers, "pool", self.device):
+            with timed(timers, "pool", self.device):
                 parts.append(spp_pool_maps(conv5, self.levels))
         if not parts:
-            return torch.zeros(0, self.feature_dim, device=self.device)
+            return torch.zeros(0, self.output_dim, device=self.device)
         return torch.cat(parts)

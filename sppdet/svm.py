@@ -9,7 +9,8 @@ is retrained after `retrain_every` new negatives, and a retrain evicts cached ne
 below `evict_thresh`. The paper also drops a negative that overlaps a kept negative by > 0.7
 (`neg_overlap_prune`); the official code does not (set it to None).
 
-Scores: ``score = (features * scale) @ W.T + b``, W (K, D), b (K,), column k-1 for class k.
+Scores: ``score = (features * scale) @ W.T + b``, W (K, D), b (K,), column k-1 for class k:
+`train_svms` returns them as the detector's `heads.LinearSVMScorer`.
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
+from tqdm import tqdm
 
 from . import boxes as box_ops
+from .config import SVMConfig
+from .heads import LinearSVMScorer
 from .utils import SppdetError
 
-__all__ = ["feature_scale", "score", "fit_svm", "svm_objective", "SVMTrainer"]
+__all__ = ["feature_scale", "fit_svm", "svm_objective", "SVMTrainer", "train_svms"]
 
 
 def feature_scale(sample_features, target_norm: float = 20.0) -> float:
@@ -45,19 +49,6 @@ def feature_scale(sample_features, target_norm: float = 20.0) -> float:
         raise SppdetError(f"feature scale: the sample's mean feature norm is {mean_norm}; "
                           "features are all zero or not finite")
     return float(target_norm) / mean_norm
-
-
-def score(features, W, b, scale: float):
-    """SVM scores (N, K) = (features * scale) @ W.T + b for features (N, D), W (K, D), b (K,).
-
-    Works on numpy arrays or torch tensors (the result has the type and device of `features`).
-    """
-    if torch.is_tensor(features):
-        W_t = torch.as_tensor(W, dtype=torch.float32, device=features.device)
-        b_t = torch.as_tensor(b, dtype=torch.float32, device=features.device)
-        return (features.float() * scale) @ W_t.T + b_t
-    x = np.asarray(features, dtype=np.float32) * np.float32(scale)
-    return x @ np.asarray(W, dtype=np.float32).T + np.asarray(b, dtype=np.float32)
 
 
 def svm_objective(pos, neg, w, b, C: float, pos_weight: float, bias_mult: float) -> dict:
@@ -153,7 +144,7 @@ class SVMTrainer:
             trainer.add_image(features, boxes, gt_boxes, gt_labels)
         W, b = trainer.finish()
 
-    All features passed in are raw (unscaled); the trainer multiplies them by `feat_scale`, and
+    (`train_svms` runs exactly this over a dataset.) All features passed in are raw (unscaled); the trainer multiplies them by `feat_scale`, and
     W, b apply to scaled features (see `score`). Memory: the positives plus, per class, the
     cached negatives (float32), bounded by hard-negative eviction.
 
@@ -387,3 +378,48 @@ class SVMTrainer:
                 "evict_thresh": self.evict_thresh, "retrain_every": self.retrain_every,
                 "feat_scale": self.feat_scale, "tol": self.tol, "max_iter": self.max_iter,
                 "seed": self.seed}
+
+
+@torch.no_grad()
+def train_svms(detector, source, records: Sequence, proposals: dict[str, np.ndarray], cfg: SVMConfig,
+               class_names: Sequence[str] | None = None, seed: int = 0,
+               logger: logging.Logger | None = None) -> tuple[LinearSVMScorer, list[dict]]:
+    """Train the detector's per-class SVMs on fc7 features of the training images, in two passes
+    as the official code: ground-truth features (the positives) plus 200 random proposals of
+    each of the first 200 images (the feature scale, mean norm `cfg.target_norm`), then one
+    hard-negative mining pass over every image's proposals.
+
+    source(image_id, rows) gives pooled features of an image's training windows (its proposals,
+    then its ground truth: `features.TrainingFeatures`); records are the training ImageRecords.
+    Returns (scorer, per-retrain history).
+    """
+    detector.eval()
+    rng = np.random.default_rng(seed)
+    gt_feats, gt_labels, sample = [], [], []
+    for i, rec in enumerate(tqdm(records, desc="SVM positives", leave=False, dynamic_ncols=True)):
+        props = proposals[rec.image_id]
+        take = rng.choice(len(props), min(len(props), 200), replace=False) if i < 200 and len(props) \
+            else np.zeros(0, np.int64)
+        rows = np.concatenate([len(props) + np.arange(len(rec.boxes)), take])
+        if len(rows) == 0:
+            continue
+        fc7 = detector.fc7(source(rec.image_id, rows)).cpu().numpy()
+        gt_feats.append(fc7[: len(rec.boxes)])
+        gt_labels.append(rec.labels)
+        sample.append(fc7[len(rec.boxes):])
+    scale = feature_scale(np.concatenate(sample + gt_feats), cfg.target_norm)
+    trainer = SVMTrainer(detector.num_classes, detector.head.out_dim, C=cfg.C, pos_weight=cfg.pos_weight,
+                         bias_mult=cfg.bias_mult, neg_iou=cfg.neg_iou, neg_overlap_prune=cfg.neg_overlap_prune,
+                         hard_thresh=cfg.hard_thresh, evict_thresh=cfg.evict_thresh,
+                         retrain_every=cfg.retrain_every, feat_scale=scale, seed=seed,
+                         class_names=class_names, logger=logger)
+    trainer.add_positives(np.concatenate(gt_feats), np.concatenate(gt_labels))
+    for rec in tqdm(records, desc="SVM mining", leave=False, dynamic_ncols=True):
+        props = proposals[rec.image_id]
+        if len(props) == 0:
+            (logger or logging.getLogger("sppdet.svm")).info(f"{rec.image_id}: no proposals; skipped for SVM mining")
+            continue
+        fc7 = detector.fc7(source(rec.image_id, np.arange(len(props))))
+        trainer.add_image(fc7.cpu().numpy(), props, rec.boxes, rec.labels)
+    W, b = trainer.finish()
+    return LinearSVMScorer.from_arrays(W, b, scale), trainer.history

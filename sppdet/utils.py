@@ -1,5 +1,5 @@
-"""Small helpers every stage shares: the user-facing error, atomic writes, hashing, timers,
-logging, devices and seeds."""
+"""Small helpers every stage shares: the user-facing error, atomic writes, verified files,
+hashing, timers, logging, devices and seeds."""
 from __future__ import annotations
 
 import contextlib
@@ -22,6 +22,11 @@ class SppdetError(Exception):
 
     The message names the file or key and what is wrong with it.
     """
+
+
+class CorruptFileError(SppdetError):
+    """A file sppdet wrote earlier whose bytes no longer match the digest stored with them (or
+    that cannot be read back at all). Caches recompute; checkpoints refuse to load."""
 
 
 @contextlib.contextmanager
@@ -47,6 +52,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """SppdetError (one line naming `what`, e.g. "--out") unless `path` is, or can be created as,
+    a writable folder. Call before slow work, so a bad output path fails at once."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SppdetError(f"{what} {p}: exists and is not a folder")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SppdetError(f"{what} {p}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SppdetError(f"{what} {p}: {existing} is not writable")
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """As `check_writable_dir`, for an output file: not a folder, its folder writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise SppdetError(f"{what} {p}: is a folder; expected a file name")
+    check_writable_dir(p.parent if str(p.parent) else Path("."), what)
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -68,6 +96,67 @@ def stable_hash(*parts, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
+def content_digest(obj) -> str:
+    """BLAKE2b digest of a nested structure of dicts, lists, tensors, numpy arrays and plain
+    values: tensors by dtype, shape and bytes, dict items in key order. What `save_verified`
+    stores with a file and `load_verified` checks."""
+    h = hashlib.blake2b(digest_size=20)
+
+    def walk(x) -> None:
+        if isinstance(x, dict):
+            h.update(b"{%d" % len(x))
+            for k in sorted(x, key=str):
+                walk(str(k))
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[%d" % len(x))
+            for v in x:
+                walk(v)
+        elif isinstance(x, np.ndarray):
+            h.update(f"a{x.dtype.str}{x.shape}".encode())
+            h.update(np.ascontiguousarray(x).view(np.uint8).reshape(-1).data)
+        elif hasattr(x, "detach") and hasattr(x, "dtype"):  # a torch tensor
+            import torch
+
+            t = x.detach().cpu().contiguous()
+            h.update(f"t{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():  # as raw bytes, whatever the dtype (bfloat16 has no numpy twin)
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, (bytes, bytearray)):
+            h.update(b"b")
+            h.update(bytes(x))
+        else:
+            h.update(json.dumps(x, default=str).encode())
+    walk(obj)
+    return h.hexdigest()
+
+
+def save_verified(obj, path: str | os.PathLike) -> None:
+    """torch.save `obj` atomically, with its `content_digest` stored beside it in the file."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save({"sppdet_digest": content_digest(obj), "content": obj}, tmp)
+
+
+def load_verified(path: str | os.PathLike, weights_only: bool = False):
+    """The object `save_verified` wrote to `path`, on the CPU; CorruptFileError if it cannot be
+    read or its content no longer matches the stored digest (changed bytes, truncation)."""
+    import torch
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # truncated zip, garbled pickle, not a torch file, ...
+        raise CorruptFileError(f"{path}: unreadable ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:120] or 'truncated?'})") from None
+    if not isinstance(payload, dict) or "sppdet_digest" not in payload or "content" not in payload:
+        raise CorruptFileError(f"{path}: not a verified sppdet file (no content digest)")
+    if content_digest(payload["content"]) != payload["sppdet_digest"]:
+        raise CorruptFileError(f"{path}: content does not match its digest (the file was changed "
+                               f"or damaged after it was written)")
+    return payload["content"]
+
+
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:
     """SHA-1 of a file's bytes (its content, not its name or time)."""
     h = hashlib.sha1()
@@ -75,6 +164,19 @@ def file_digest(path: str | os.PathLike, length: int = 16) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:length]
+
+
+def file_signature(path: str | os.PathLike, edge: int = 1 << 16) -> str:
+    """A cheap proxy of a file's content for cache keys: its size, modification time and a hash
+    of its first and last `edge` bytes. Changes whenever the file is rewritten."""
+    st = os.stat(path)
+    h = hashlib.blake2b(f"{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=12)
+    with open(path, "rb") as f:
+        h.update(f.read(edge))
+        if st.st_size > edge:
+            f.seek(max(edge, st.st_size - edge))
+            h.update(f.read(edge))
+    return h.hexdigest()
 
 
 class Timer:
@@ -130,14 +232,23 @@ def get_logger(name: str = "sppdet", log_file: str | os.PathLike | None = None) 
     return logger
 
 
-def pick_device(name: str = "auto"):
-    """'auto' -> CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given."""
+def pick_device(name: str = "auto", key: str = "run.device"):
+    """'auto' -> CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given. Anything
+    else, or CUDA on a machine without it, is a SppdetError naming `key`."""
+    import re
+
     import torch
 
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(name)):
+        raise SppdetError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SppdetError(f"run.device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SppdetError(f"{key}={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise SppdetError(f"{key}={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
     return torch.device(name)
 
 

@@ -82,13 +82,16 @@ def _flag(obj: ET.Element, tag: str, where: str) -> bool:
         raise SppdetError(f"{where}: <{tag}> is {child.text.strip()!r}, expected 0 or 1") from None
 
 
-def parse_annotation(xml_path: str | Path, classes: Sequence[str], strict: bool = True) -> dict:
-    """Parse one VOC XML into a dict of width, height, boxes, labels, difficult, truncated.
+def parse_annotation(xml_path: str | Path, classes: Sequence[str], strict: bool = True,
+                     other_classes: str = "error") -> dict:
+    """Parse one VOC XML into a dict of width, height, boxes, labels, difficult, truncated and
+    ignored (names of objects of other classes, skipped).
 
     Only the <bndbox> directly under each <object> is read (never person <part> boxes).
-    strict=True: an unknown class, an inverted box or one outside the image is an error.
-    strict=False (the evaluator): coordinates are kept exactly as written and objects of
-    other classes are skipped, as the devkit's per-class evaluation does.
+    strict=True: an inverted box or one outside the image is an error, and so is an object of a
+    class not in `classes` unless other_classes="ignore" (training on a subset of a dataset's
+    classes). strict=False (the evaluator): coordinates are kept exactly as written and objects
+    of other classes are skipped, as the devkit's per-class evaluation does.
     """
     xml_path = Path(xml_path)
     try:
@@ -104,14 +107,16 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str], strict: bool 
     except ValueError:
         raise SppdetError(f"{xml_path}: <size> is not numeric") from None
     class_index = {name: i + 1 for i, name in enumerate(classes)}
-    boxes, labels, difficult, truncated = [], [], [], []
+    boxes, labels, difficult, truncated, ignored = [], [], [], [], []
     for n, obj in enumerate(root.findall("object")):
         where = f"{xml_path}: object {n}"
         name = _text(obj, "name", where)
         where = f"{xml_path}: object {n} ({name})"
         if name not in class_index:
-            if strict:
-                raise SppdetError(f"{where}: unknown class {name!r} (classes: {', '.join(classes)})")
+            if strict and other_classes == "error":
+                raise SppdetError(f"{where}: unknown class {name!r} (classes: {', '.join(classes)}; "
+                                  f"a data.classes list other than VOC's may name a subset)")
+            ignored.append(name)
             continue
         bb = obj.find("bndbox")
         if bb is None:
@@ -138,6 +143,7 @@ def parse_annotation(xml_path: str | Path, classes: Sequence[str], strict: bool 
         labels=np.asarray(labels, dtype=np.int64),
         difficult=np.asarray(difficult, dtype=bool),
         truncated=np.asarray(truncated, dtype=bool),
+        ignored=ignored,
     )
 
 
@@ -145,22 +151,26 @@ class VOCDataset:
     """The images of one split of a VOC-format devkit, with annotations parsed up front.
 
     `records[i]` is an ImageRecord; images are loaded lazily by `load_image`.
-    Images without objects are kept (free negatives for the SVMs).
+    Images without objects are kept (free negatives for the SVMs). `ignored_classes` counts
+    the skipped objects of classes not in `classes`, by name (see `parse_annotation`).
     """
 
     def __init__(self, root: str | Path, year: str = "2007", split: str = "trainval",
                  classes: Sequence[str] = VOC_CLASSES, strict: bool = True,
-                 check_images: bool = True):
+                 check_images: bool = True, other_classes: str = "error"):
         if len(set(classes)) != len(classes) or not classes:
             raise SppdetError(f"data.classes must be a non-empty list of distinct names, got {list(classes)}")
         self.folder = find_devkit_folder(root, year)
         self.year, self.split, self.classes = str(year), split, tuple(classes)
         self.records: list[ImageRecord] = []
+        self.ignored_classes: dict[str, int] = {}
         for image_id in read_split(self.folder, split):
             xml_path = self.folder / "Annotations" / f"{image_id}.xml"
             if not xml_path.is_file():
                 raise SppdetError(f"{xml_path}: annotation file not found (listed in {split}.txt)")
-            ann = parse_annotation(xml_path, self.classes, strict=strict)
+            ann = parse_annotation(xml_path, self.classes, strict=strict, other_classes=other_classes)
+            for name in ann.pop("ignored"):
+                self.ignored_classes[name] = self.ignored_classes.get(name, 0) + 1
             path = self.folder / "JPEGImages" / f"{image_id}.jpg"
             if check_images and not path.is_file():
                 raise SppdetError(f"{path}: image file not found (listed in {split}.txt)")

@@ -44,3 +44,22 @@ def write_devkit(root: Path, images: dict[str, list[tuple]], split: str = "train
             f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>")
     (folder / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in images))
     return root
+
+
+@pytest.fixture()
+def sppdet_log():
+    """The messages the "sppdet" logger emits during the test (its handlers print to stderr and
+    do not propagate, so caplog does not see them)."""
+    import logging
+
+    messages: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = ListHandler()
+    logger = logging.getLogger("sppdet")
+    logger.addHandler(handler)
+    yield messages
+    logger.removeHandler(handler)

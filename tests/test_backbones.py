@@ -291,9 +291,22 @@ def test_imagenet_weights_use_torchvision_state_dict(monkeypatch):
 def test_build_errors():
     with pytest.raises(SppdetError, match="imagenet.*local|convert"):
         build_backbone("zf5", weights="imagenet")
-    with pytest.raises(SppdetError, match="width 1.0"):
-        build_backbone("zf5", width=0.5, weights="imagenet")
     with pytest.raises(SppdetError, match="only supported for zf5"):
         build_backbone("vgg16", width=0.5)
     with pytest.raises(SppdetError, match="resnet50"):
         build_backbone("zf6")
+
+
+def test_weights_meta_sets_the_preprocessing_and_a_narrow_zf5_loads(tmp_path):
+    torch.manual_seed(7)
+    src = build_backbone("zf5", width=0.25)
+    meta = {"input": {"bgr": False, "mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]}}
+    torch.save({"state_dict": src.state_dict(), "meta": meta}, tmp_path / "w.pth")
+    net = build_backbone("zf5", width=0.25, weights=str(tmp_path / "w.pth"))
+    assert net.preprocessing() == {"bgr": False, "mean": [1.0, 2.0, 3.0], "std": [4.0, 5.0, 6.0]}
+    image = np.array([[[10, 20, 30]]], np.uint8)  # BGR
+    np.testing.assert_allclose(net.preprocess(image)[:, 0, 0].numpy(), [(30 - 1) / 4, (20 - 2) / 5, (10 - 3) / 6],
+                               rtol=1e-6)
+    assert torch.equal(net.conv3.weight, src.conv3.weight)
+    with pytest.raises(SppdetError, match="conv1.weight: expected"):  # another width does not fit
+        build_backbone("zf5", width=0.5, weights=str(tmp_path / "w.pth"))

@@ -8,11 +8,18 @@ import pytest
 import torch
 
 from sppdet import boxes as box_ops
-from sppdet.bbox_reg import BoxRegressor, train_box_regressors
+from sppdet.bbox_reg import train_box_regressors
+from sppdet.heads import BoxRegressor
 from sppdet.svm import feature_scale
-from sppdet.utils import SppdetError
 
 D = 24
+
+
+def predict(reg: BoxRegressor, features, boxes, labels) -> np.ndarray:
+    """The detector's regression of boxes (N, 4) by their classes' regressors, as numpy."""
+    with torch.no_grad():
+        return reg(torch.as_tensor(np.asarray(features, np.float32)), torch.as_tensor(boxes),
+                   torch.as_tensor(labels)).numpy()
 
 
 def random_boxes(rng, n: int) -> np.ndarray:
@@ -84,7 +91,7 @@ def test_recovers_ground_truth_and_matches_closed_form_ridge():
     d3 = box_ops.encode(p3, g3)
     f3 = (np.einsum("ni,nid->nd", d3, mix[l3 - 1]) + 0.05).astype(np.float32)
     before = paired_iou(p3, g3)
-    after = paired_iou(reg.predict(f3, p3, l3), g3)
+    after = paired_iou(predict(reg, f3, p3, l3), g3)
     assert before.mean() < 0.8 and after.min() > 0.95, (before.mean(), after.min())
 
     # Class 1's coefficients against the closed form with an unpenalised intercept.
@@ -93,8 +100,8 @@ def test_recovers_ground_truth_and_matches_closed_form_ridge():
     Y = box_ops.encode(proposals[sel], gt[sel]).astype(np.float64)
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
     coef = np.linalg.solve(Xc.T @ Xc + 4000.0 * np.eye(D), Xc.T @ Yc)
-    np.testing.assert_allclose(reg.coef[0], coef, rtol=1e-3, atol=1e-5)
-    np.testing.assert_allclose(reg.intercept[0], Y.mean(0) - X.mean(0) @ coef, atol=1e-4)
+    np.testing.assert_allclose(reg.coef[0].numpy(), coef, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(reg.intercept[0].numpy(), Y.mean(0) - X.mean(0) @ coef, atol=1e-4)
 
 
 def test_windows_below_min_iou_are_not_used():
@@ -110,15 +117,14 @@ def test_windows_below_min_iou_are_not_used():
                              overlaps[~low], 3, min_iou=0.6, lam=1000.0, feat_scale=2.0)
     b = train_box_regressors(bad, proposals, gt_bad, labels, overlaps, 3, min_iou=0.6,
                              lam=1000.0, feat_scale=2.0)
-    np.testing.assert_array_equal(a.coef, b.coef)
-    np.testing.assert_array_equal(a.intercept, b.intercept)
-    assert b.num_samples.sum() == (~low).sum()
+    assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, b.intercept)
+    assert int(b.num_samples.sum()) == (~low).sum()
     # Rows labelled 0 (background) are ignored too.
     zero = labels.copy()
     zero[low] = 0
     c = train_box_regressors(bad, proposals, gt_bad, zero, np.ones(len(zero)), 3, min_iou=0.6,
                              lam=1000.0, feat_scale=2.0)
-    np.testing.assert_array_equal(a.coef, c.coef)
+    assert torch.equal(a.coef, c.coef)
 
 
 def test_class_without_samples_is_identity(caplog):
@@ -129,7 +135,7 @@ def test_class_without_samples_is_identity(caplog):
     assert reg.num_samples[2] == 0
     assert any("'cow' (class 3)" in r.getMessage() for r in caplog.records)
     assert not reg.coef[2].any() and not reg.intercept[2].any()
-    out = reg.predict(features[:20], proposals[:20], np.full(20, 3))
+    out = predict(reg, features[:20], proposals[:20], np.full(20, 3))
     np.testing.assert_allclose(out, proposals[:20], atol=1e-4)
     # min_samples also applies to classes with a few windows.
     few = train_box_regressors(features, proposals, gt, labels, overlaps, 3,
@@ -137,22 +143,18 @@ def test_class_without_samples_is_identity(caplog):
     assert not few.coef.any()
 
 
-def test_dict_round_trip_torch_and_predict_all():
+def test_module_state_round_trip_and_class_selection():
     features, proposals, gt, labels, overlaps, _ = problem(n=400)
     reg = train_box_regressors(features, proposals, gt, labels, overlaps, 3, feat_scale=3.0)
-    again = BoxRegressor.from_dict(reg.to_dict())
-    np.testing.assert_array_equal(again.predict(features, proposals, labels),
-                                  reg.predict(features, proposals, labels))
-    assert again.feat_scale == 3.0 and again.num_samples.tolist() == reg.num_samples.tolist()
-    # torch in, torch out; same numbers.
-    t = reg.predict(torch.from_numpy(features), torch.from_numpy(proposals),
-                    torch.from_numpy(labels))
-    assert torch.is_tensor(t)
-    np.testing.assert_allclose(t.numpy(), reg.predict(features, proposals, labels), atol=1e-3)
-    # predict_all's slice for each window's class equals predict.
-    every = reg.predict_all(features, proposals)
-    assert every.shape == (len(features), 3, 4)
-    np.testing.assert_allclose(every[np.arange(len(labels)), labels - 1],
-                               reg.predict(features, proposals, labels), atol=1e-3)
-    with pytest.raises(SppdetError, match="bbox_reg"):
-        BoxRegressor.from_dict({"coef": np.zeros((3, D, 4))})
+    again = BoxRegressor(3, D)
+    again.load_state_dict(reg.state_dict())
+    np.testing.assert_array_equal(predict(again, features, proposals, labels),
+                                  predict(reg, features, proposals, labels))
+    assert float(again.scale) == 3.0 and again.num_samples.tolist() == reg.num_samples.tolist()
+    # each window moves by its own class's regressor: the same as regressing it alone
+    for k in (1, 2, 3):
+        sel = labels == k
+        np.testing.assert_allclose(predict(reg, features[sel], proposals[sel], np.full(sel.sum(), k)),
+                                   predict(reg, features, proposals, labels)[sel], atol=1e-4)
+    with pytest.raises(ValueError, match="labels must be in 1..3"):
+        predict(reg, features[:2], proposals[:2], np.array([1, 4]))

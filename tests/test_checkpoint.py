@@ -1,16 +1,18 @@
 """checkpoint: save/load round trips (SPP-net and R-CNN) and one clear error per bad file."""
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 import pytest
 import torch
 
-from sppdet.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from sppdet.checkpoint import FORMAT_VERSION, load_checkpoint, read_checkpoint, save_checkpoint
 from sppdet.config import load_config
-from sppdet.detector import SPPDetector
-from sppdet.engine import build_detector
-from sppdet.rcnn import RCNNDetector
-from sppdet.utils import SppdetError
+from sppdet.features import SPPFeatures
+from sppdet.model import build_detector
+from sppdet.rcnn import RCNNFeatures
+from sppdet.utils import SppdetError, load_verified, save_verified
 
 CLASSES = ["disk", "ring", "triangle"]
 IMAGE = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -29,17 +31,17 @@ def trained_like(kind: str, cfg=None):
     torch.manual_seed(0)
     det = build_detector(cfg, len(CLASSES), kind=kind)
     with torch.no_grad():
-        det.svm_weight.normal_()
-        det.svm_bias.normal_()
-        det.svm_scale.fill_(3.0)
-        det.bbox_coef.normal_(std=1e-3)
-        det.bbox_intercept.normal_(std=0.1)
-        det.bbox_scale.fill_(0.5)
-        det.bbox_enabled.fill_(True)
+        det.svm.weight.normal_()
+        det.svm.bias.normal_()
+        det.svm.scale.fill_(3.0)
+        det.regressor.coef.normal_(std=1e-3)
+        det.regressor.intercept.normal_(std=0.1)
+        det.regressor.scale.fill_(0.5)
+        det.backbone.set_preprocessing(mean=(100.0, 110.0, 120.0), std=50.0)
     return det.eval(), cfg
 
 
-@pytest.mark.parametrize("kind, cls", [("spp", SPPDetector), ("rcnn", RCNNDetector)])
+@pytest.mark.parametrize("kind, cls", [("spp", SPPFeatures), ("rcnn", RCNNFeatures)])
 def test_round_trip_gives_identical_detections(tmp_path, kind, cls):
     det, cfg = trained_like(kind)
     path = tmp_path / "run" / "model.pt"
@@ -47,7 +49,8 @@ def test_round_trip_gives_identical_detections(tmp_path, kind, cls):
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"], "no temporary file left"
 
     loaded, cfg2, classes = load_checkpoint(path)
-    assert type(loaded) is cls and classes == CLASSES and cfg2 == cfg
+    assert type(loaded.features) is cls and loaded.kind == kind and classes == CLASSES and cfg2 == cfg
+    assert loaded.backbone.preprocessing() == det.backbone.preprocessing()  # part of the state
     assert not loaded.training
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     for name, value in det.state_dict().items():
@@ -87,46 +90,68 @@ def test_truncated_file(tmp_path, good_file):
     for cut in (len(data) // 2, 100, 0):
         bad = tmp_path / f"cut{cut}.pt"
         bad.write_bytes(data[:cut])
-        expect_error(bad, "not a readable sppdet checkpoint")
+        expect_error(bad, "unreadable", "not a usable sppdet checkpoint")
+
+
+def garble_largest_member(src, dst, nbytes: int = 400) -> None:
+    """Overwrite `nbytes` in the middle of the zip's largest member, its structure intact (the
+    archive still opens and torch.load still succeeds)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2
+    data[start:start + nbytes] = np.random.default_rng(1).integers(0, 256, nbytes, dtype=np.uint8).tobytes()
+    dst.write_bytes(bytes(data))
+
+
+def test_changed_bytes_are_caught(tmp_path, good_file):
+    bad = tmp_path / "garbled.pt"
+    garble_largest_member(good_file, bad)
+    torch.load(bad, weights_only=True)  # torch itself does not notice
+    expect_error(bad, "does not match its digest", "not a usable sppdet checkpoint")
 
 
 def test_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("hello, I am not a network\n")
-    expect_error(text, "not a readable sppdet checkpoint")
+    expect_error(text, "unreadable")
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)
-    expect_error(tensor, "not an sppdet checkpoint")
+    expect_error(tensor, "not a verified sppdet file")
     plain = tmp_path / "dict.pt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, plain)
-    expect_error(plain, "not an sppdet checkpoint (no format_version)")
+    expect_error(plain, "not a verified sppdet file")
 
 
 def rewrite(good_file, tmp_path, name, **changes):
-    payload = torch.load(good_file, weights_only=True)
+    """The checkpoint's payload with `changes`, saved as a valid (verified) file."""
+    payload = load_verified(good_file, weights_only=True)
     payload.update(changes)
     path = tmp_path / name
-    torch.save(payload, path)
+    save_verified(payload, path)
     return path, payload
 
 
 def test_other_format_version(tmp_path, good_file):
-    path, _ = rewrite(good_file, tmp_path, "v2.pt", format_version=2)
-    expect_error(path, "format version 2", "reads version 1")
+    path, _ = rewrite(good_file, tmp_path, "v3.pt", format_version=FORMAT_VERSION + 1)
+    expect_error(path, f"format version {FORMAT_VERSION + 1}", f"reads version {FORMAT_VERSION}")
+    old = tmp_path / "v1.pt"  # version 1 files had no digest
+    torch.save({"format_version": 1, "config": {}, "classes": [], "detector": "SPPDetector", "model": {}}, old)
+    expect_error(old, "format version 1", "retrain")
 
 
 def test_damaged_contents(tmp_path, good_file):
-    payload = torch.load(good_file, weights_only=True)
+    payload = load_verified(good_file, weights_only=True)
     # weights that do not fit the saved config (another fc width)
     cfg = dict(payload["config"], model=dict(payload["config"]["model"], fc_dim=16))
     expect_error(rewrite(good_file, tmp_path, "fc.pt", config=cfg)[0], "network weights do not match")
     # a config key this version does not know
     cfg = dict(payload["config"], model=dict(payload["config"]["model"], colour="red"))
     expect_error(rewrite(good_file, tmp_path, "key.pt", config=cfg)[0], "model.colour")
-    path, payload = rewrite(good_file, tmp_path, "kind.pt", detector="YOLO")
-    expect_error(path, "unknown detector type 'YOLO'")
+    path, payload = rewrite(good_file, tmp_path, "kind.pt", kind="yolo")
+    expect_error(path, "unknown detector kind 'yolo'")
     del payload["model"]
-    torch.save(payload, tmp_path / "nomodel.pt")
+    save_verified(payload, tmp_path / "nomodel.pt")
     expect_error(tmp_path / "nomodel.pt", "incomplete", "model")
 
 

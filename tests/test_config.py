@@ -62,3 +62,44 @@ def test_dump_round_trip(tmp_path):
     cfg = load_config(None, ["data.classes=[a, b]", "model.scales=[480, 576]"])
     dump_config(cfg, tmp_path / "config.yaml")
     assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+
+
+@pytest.mark.parametrize("item, needle", [
+    ("model.scales=[]", "model.scales: () is not allowed; expected a non-empty list of positive integers"),
+    ("finetune.lr=1000", "finetune.lr: 1000.0 is not allowed; expected in (0, 1]"),
+    ("finetune.iterations=-5", "finetune.iterations: -5 is not allowed; expected an integer >= 0"),
+    ("finetune.batch_size=0", "finetune.batch_size: 0 is not allowed; expected an integer >= 1"),
+    ("test.nms=1.5", "test.nms: 1.5 is not allowed; expected in [0, 1]"),
+    ("finetune.bg_iou=[0.5,0.1]", "finetune.bg_iou"),
+    ("run.device=gpu", "run.device: 'gpu' is not allowed; expected auto, cpu, cuda or cuda:N"),
+    ("model.pixel_std=0", "model.pixel_std"),
+    ("test.scorer=svn", "'svn' is not one of svm, softmax"),
+    ("run.name=a/b", "run.name"),
+])
+def test_out_of_range_values_are_one_line_naming_the_key(item, needle):
+    with pytest.raises(SppdetError) as e:
+        load_config(None, [item])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nested_base_chain_and_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("svm:\n  C: 0.5\n  pos_weight: 3\nmodel:\n  width: 0.5\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nsvm:\n  C: 0.25\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\nmodel:\n  fc_dim: 64\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.svm.C, cfg.svm.pos_weight, cfg.model.width, cfg.model.fc_dim) == (0.25, 3.0, 0.5, 64)
+    (tmp_path / "a.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(SppdetError, match="circular base: chain"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_an_unknown_device_fails_before_the_run_writes_anything(tmp_path, monkeypatch):
+    import torch
+
+    from sppdet import engine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_config("demo", [f"run.output_dir={tmp_path}", "run.device=cuda"])
+    with pytest.raises(SppdetError, match="no CUDA device"):
+        engine.run_training(cfg)
+    assert not any(tmp_path.iterdir())

@@ -1,5 +1,6 @@
-"""scripts/detect.py as a user runs it (a subprocess), with a tiny random-weight checkpoint: output
-files, one `error:` line per bad input, exit status."""
+"""scripts/detect.py as a user runs it (a subprocess) and the Predictor behind it, with a tiny
+random-weight checkpoint: output files, names that never collide, one `error:` line per bad input,
+exit status, and the same detections from the CLI as from the Python API."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,8 @@ import torch
 from conftest import REPO
 from sppdet.checkpoint import save_checkpoint
 from sppdet.config import load_config
-from sppdet.engine import build_detector
+from sppdet.inference import Predictor
+from sppdet.model import build_detector
 
 CLASSES = ["apple", "kite"]
 
@@ -29,8 +31,8 @@ def checkpoint(tmp_path_factory) -> Path:
                                "proposals.max_boxes=60", "data.classes=[apple, kite]"])
     torch.manual_seed(0)
     detector = build_detector(cfg, len(CLASSES), weights="none")
-    detector.svm_weight.normal_(0, 0.01)
-    detector.svm_bias.fill_(5.0)
+    detector.svm.weight.normal_(0, 0.01)
+    detector.svm.bias.fill_(5.0)
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
     save_checkpoint(path, detector, cfg, CLASSES)
     return path
@@ -71,10 +73,12 @@ def test_folder_with_images_and_bad_files(tmp_path, checkpoint):
     proc = detect(tmp_path, str(images), "--checkpoint", str(checkpoint), "--out", str(out))
     assert proc.returncode == 1  # something failed
     errors = error_lines(proc)
-    assert len(errors) == 2
-    assert any("notes.txt" in e and "not an image file" in e for e in errors)
-    assert any("broken.jpg" in e and "not a readable image" in e for e in errors)
-    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "a.json", "b.jpg", "b.json"]
+    assert len(errors) == 1 and "broken.jpg" in errors[0] and "not a readable image" in errors[0]
+    assert "note: skipped 1 non-image path(s):" in proc.stdout and "notes.txt (not an image)" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "a.json", "b.jpg", "b.json", "results.json"]
+    combined = json.loads((out / "results.json").read_text())
+    assert [(im["output"], im["width"], im["height"]) for im in combined["images"]] == [("a", 200, 150), ("b", 160, 180)]
+    assert [c["name"] for c in combined["categories"]] == CLASSES
 
     for name, (h, w) in shapes.items():
         stem = Path(name).stem
@@ -122,3 +126,40 @@ def test_no_checkpoint_is_one_line(tmp_path, where):
                 else f"error: {ckpt}: checkpoint not found")
     assert len(error_lines(proc)) == 1 and error_lines(proc)[0].startswith(expected)
     assert proc.stdout == "" and not (tmp_path / "detections").exists()
+
+
+def test_outputs_never_collide_and_never_overwrite_inputs(tmp_path, checkpoint):
+    tree = tmp_path / "in"
+    for rel, seed in (("x.jpg", 1), ("x.png", 2), ("sub1/y.jpg", 3), ("sub2/y.jpg", 4)):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tree / rel), scene(100, 120, seed))
+    proc = detect(tmp_path, str(tree), "--checkpoint", str(checkpoint), "--out", "out")
+    assert proc.returncode == 0, proc.stderr
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.json"))
+    assert got == ["results.json", "sub1/y.json", "sub2/y.json", "x_jpg.json", "x_png.json"]
+    # the output folder is the input folder: the drawn x_jpg.jpg is fine, but a.jpg -> a.jpg is not
+    cv2.imwrite(str(tmp_path / "a.jpg"), scene(100, 120, 5))
+    before = (tmp_path / "a.jpg").read_bytes()
+    proc = detect(tmp_path, "a.jpg", "--checkpoint", str(checkpoint), "--out", ".")
+    assert proc.returncode == 1 and "would overwrite the input" in error_lines(proc)[0]
+    assert (tmp_path / "a.jpg").read_bytes() == before
+
+
+def test_cli_and_python_api_give_identical_detections(tmp_path, checkpoint):
+    for seed in range(2):
+        cv2.imwrite(str(tmp_path / f"p{seed}.png"), scene(140, 180, seed + 10))
+    proc = detect(tmp_path, "p0.png", "p1.png", "--checkpoint", str(checkpoint), "--out", "out")
+    assert proc.returncode == 0, proc.stderr
+    predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
+    assert predictor.score_thresh == 0.0  # the SVM margin's boundary, as the CLI's default
+    for seed in range(2):
+        result = predictor(str(tmp_path / f"p{seed}.png"))
+        assert result.class_names == tuple(CLASSES) and len(result) > 0
+        cli = json.loads((tmp_path / "out" / f"p{seed}.json").read_text())["detections"]
+        assert [d["class"] for d in cli] == [CLASSES[k - 1] for k in result.labels]
+        np.testing.assert_array_equal(np.array([d["score"] for d in cli], np.float32), result.scores)
+        np.testing.assert_array_equal(np.array([d["box"] for d in cli], np.float32), result.boxes)
+        # an array input and precomputed proposals give the same
+        image = cv2.imread(str(tmp_path / f"p{seed}.png"))
+        again = predictor(image, proposals=predictor.proposals(image))
+        np.testing.assert_array_equal(again.boxes, result.boxes)

@@ -1,5 +1,6 @@
 """detector: SPP features against a manual resize -> conv -> project -> pool path, and the
-shared detection tail (score threshold, per-class NMS, max per image, box regression)."""
+shared detection tail (score threshold, per-class NMS, per-class and per-image caps, box
+regression, the softmax scorer)."""
 from __future__ import annotations
 
 import cv2
@@ -9,8 +10,9 @@ import torch
 
 from sppdet import boxes as box_ops
 from sppdet.backbones import build_backbone
-from sppdet.detector import Detector, SPPDetector
-from sppdet.rcnn import RCNNDetector
+from sppdet.detector import Detector
+from sppdet.features import SPPFeatures, WindowFeatures
+from sppdet.rcnn import RCNNFeatures
 from sppdet.spp import project_boxes, spp_pool_reference
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
@@ -23,7 +25,7 @@ def tiny_backbone():
 
 # ----------------------------------------------------------------------------- SPP features
 
-def manual_pooled(net: SPPDetector, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, list[int]]:
+def manual_pooled(net: SPPFeatures, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, list[int]]:
     """The paper's path written out: per window the scale whose resized area is closest to
     224^2, resize the image (short side = scale), conv5, project the scaled box, pool."""
     h, w = image.shape[:2]
@@ -45,13 +47,13 @@ def manual_pooled(net: SPPDetector, image: np.ndarray, boxes: np.ndarray) -> tup
 
 @pytest.mark.parametrize("scales", [(100,), (100, 300)])
 def test_pooled_features_match_manual_path(scales):
-    net = SPPDetector(tiny_backbone(), num_classes=2, levels=(4, 2, 1), fc_dim=16, scales=scales).eval()
+    net = SPPFeatures(tiny_backbone(), levels=(4, 2, 1), scales=scales).eval()
     boxes = np.array([[0, 0, 79, 59], [10, 10, 25, 30], [40, 5, 79, 40], [2, 3, 9, 8],
                       [30, 20, 60, 59]], dtype=np.float32)
     with torch.no_grad():
-        got = net.pooled_features(IMAGE, torch.from_numpy(boxes))
+        got = net(IMAGE, torch.from_numpy(boxes))
     want, picked = manual_pooled(net, IMAGE, boxes)
-    assert got.shape == (len(boxes), net.feature_dim) == want.shape
+    assert got.shape == (len(boxes), net.output_dim) == want.shape
     if len(scales) == 2:
         assert set(picked) == {0, 1}, "both scales should be exercised"
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -59,25 +61,29 @@ def test_pooled_features_match_manual_path(scales):
 
 # ----------------------------------------------------------------------------- detection tail
 
+class OneHot(WindowFeatures):
+    """Window r's pooled feature is the one-hot row e_r."""
+
+    kind = "spp"
+
+    def forward(self, image, boxes, timers=None):
+        return torch.eye(len(boxes), self.output_dim)
+
+
 class FixedScores(Detector):
-    """pooled_features = one-hot rows, fc6 = fc7 = identity, so fc7 == pooled and the SVM
-    scores are exactly svm_weight[:, r] + svm_bias for window r: hand-made scores."""
+    """features = one-hot rows, fc6 = fc7 = identity, so fc7 == pooled and the SVM scores are
+    exactly svm.weight[:, r] + svm.bias for window r: hand-made scores."""
 
     def __init__(self, scores: np.ndarray):
         num_windows, num_classes = scores.shape
-        super().__init__(tiny_backbone(), num_classes, levels=(1,), fc_dim=32, dropout=0.0)
-        assert self.feature_dim == 32 >= num_windows
+        super().__init__(OneHot(tiny_backbone(), levels=(1,)), num_classes, fc_dim=32, dropout=0.0)
+        assert self.features.output_dim == 32 >= num_windows
         with torch.no_grad():
             for fc in (self.head.fc6, self.head.fc7):
                 fc.weight.copy_(torch.eye(32))
                 fc.bias.zero_()
-            self.svm_weight.zero_()
-            self.svm_weight[:, :num_windows] = torch.tensor(scores, dtype=torch.float32).T
-        self.pooled_calls = []
-
-    def pooled_features(self, image, boxes, timers=None):
-        self.pooled_calls.append(len(boxes))
-        return torch.eye(len(boxes), self.feature_dim)
+            self.svm.weight.zero_()
+            self.svm.weight[:, :num_windows] = torch.tensor(scores, dtype=torch.float32).T
 
 
 def entry(label, score, box) -> tuple:
@@ -117,14 +123,34 @@ def test_detect_threshold_per_class_nms_and_order():
                            entry(2, 2.5, BOXES[1]), entry(2, 1.5, BOXES[3]), entry(2, 0.5, BOXES[0])}
 
 
-def test_detect_max_per_image_is_per_class_and_keeps_the_best():
+def test_detect_caps_per_class_then_per_image_keeping_the_best():
     # five disjoint windows, class 1 scores 1..5, class 2 scores 10..50
     boxes = np.array([[i * 15, 0, i * 15 + 9, 9] for i in range(5)], dtype=np.float32)
     scores = np.stack([np.arange(1, 6), 10 * np.arange(1, 6)], 1).astype(np.float64)
-    det = FixedScores(scores).detect(IMAGE, boxes, score_thresh=0.0, nms=0.3, max_per_image=2)
+    det = FixedScores(scores).detect(IMAGE, boxes, score_thresh=0.0, nms=0.3, max_per_class=2)
     assert as_set(det) == {entry(1, 5.0, boxes[4]), entry(1, 4.0, boxes[3]),
                            entry(2, 50.0, boxes[4]), entry(2, 40.0, boxes[3])}
     assert det.scores.tolist() == [50.0, 40.0, 5.0, 4.0]
+    # at most 3 per image, all classes together: the 3 best of the whole image
+    det = FixedScores(scores).detect(IMAGE, boxes, score_thresh=0.0, nms=0.3, max_per_image=3)
+    assert det.scores.tolist() == [50.0, 40.0, 30.0] and det.labels.tolist() == [2, 2, 2]
+    det = FixedScores(scores).detect(IMAGE, boxes, score_thresh=0.0, nms=0.3, max_per_class=2, max_per_image=3)
+    assert det.scores.tolist() == [50.0, 40.0, 5.0]
+
+
+def test_softmax_scorer_reports_fc8_probabilities():
+    net = FixedScores(np.zeros((3, 2)))
+    with torch.no_grad():  # fc8 logits of window r: background 0, class 1 r, class 2 -r
+        net.head.cls_score.weight.zero_()
+        net.head.cls_score.bias.zero_()
+        net.head.cls_score.weight[1, :3] = torch.tensor([0.0, 1.0, 2.0])
+        net.head.cls_score.weight[2, :3] = torch.tensor([0.0, -1.0, -2.0])
+    boxes = BOXES[[0, 2, 4]]
+    det = net.detect(IMAGE, boxes, scorer="softmax", score_thresh=0.0, nms=0.3)
+    logits = np.array([[0, r, -r] for r in range(3)], np.float64)
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    want = {entry(k, probs[r, k], boxes[r]) for r in range(3) for k in (1, 2)}
+    assert as_set(det) == want and det.scores.max() <= 1.0
 
 
 def test_detect_applies_box_regression_then_clips():
@@ -133,8 +159,7 @@ def test_detect_applies_box_regression_then_clips():
     net = FixedScores(scores)
     deltas = torch.tensor([[0.1, -0.2, np.log(1.5), 0.0],      # class 1: shift, widen
                            [0.5, 0.5, 0.0, np.log(2.0)]])      # class 2: shift, taller
-    net.bbox_intercept.copy_(deltas)
-    net.bbox_enabled.fill_(True)                               # coef stays zero: deltas = intercept
+    net.regressor.intercept.copy_(deltas)                      # coef stays zero: deltas = intercept
     det = net.detect(IMAGE, boxes, score_thresh=0.0, nms=0.3)
     labels = np.array([1, 2, 1])
     expected = box_ops.clip(box_ops.decode(boxes, deltas.numpy()[labels - 1]), 60, 80)
@@ -145,18 +170,16 @@ def test_detect_applies_box_regression_then_clips():
                            entry(1, 0.5, expected[2])}
     assert det.boxes.min() >= 0 and det.boxes[:, 2].max() <= 79 and det.boxes[:, 3].max() <= 59
     # disabled: the proposals themselves
-    net.bbox_enabled.fill_(False)
-    assert as_set(net.detect(IMAGE, boxes, score_thresh=0.0)) == {
+    assert as_set(net.detect(IMAGE, boxes, score_thresh=0.0, regress=False)) == {
         entry(1, 2.0, boxes[0]), entry(2, 1.0, boxes[1]), entry(1, 0.5, boxes[2])}
 
 
 def test_regression_uses_coefficients_of_the_detected_class():
     net = FixedScores(np.array([[-9.0, 1.0]]))
-    net.bbox_enabled.fill_(True)
-    net.bbox_scale.fill_(2.0)
+    net.regressor.scale.fill_(2.0)
     # window 0's pooled feature is e_0 (x scale 2): class 2's coef row 0 gives the deltas
-    net.bbox_coef[1, 0] = torch.tensor([0.05, 0.0, 0.0, 0.0])
-    net.bbox_coef[0, 0] = torch.tensor([9.0, 9.0, 9.0, 9.0])   # class 1's: must not be used
+    net.regressor.coef[1, 0] = torch.tensor([0.05, 0.0, 0.0, 0.0])
+    net.regressor.coef[0, 0] = torch.tensor([9.0, 9.0, 9.0, 9.0])   # class 1's: must not be used
     det = net.detect(IMAGE, BOXES[2:3], score_thresh=0.0)
     assert det.labels.tolist() == [2]
     np.testing.assert_allclose(det.boxes[0], [42, 40, 61, 59], atol=1e-4)  # moved 0.1 * 20 px
@@ -165,9 +188,9 @@ def test_regression_uses_coefficients_of_the_detected_class():
 @pytest.mark.parametrize("kind", ["spp", "rcnn"])
 def test_no_proposals_gives_no_detections(kind):
     if kind == "spp":
-        net = SPPDetector(tiny_backbone(), num_classes=3, fc_dim=16, scales=(100, 200))
+        net = Detector(SPPFeatures(tiny_backbone(), scales=(100, 200)), num_classes=3, fc_dim=16)
     else:
-        net = RCNNDetector(tiny_backbone(), num_classes=3, fc_dim=16, input_size=64, context=4)
+        net = Detector(RCNNFeatures(tiny_backbone(), input_size=64, context=4), num_classes=3, fc_dim=16)
     for proposals in (np.zeros((0, 4), np.float32), np.zeros(0, np.float32)):
         det = net.detect(IMAGE, proposals, score_thresh=-np.inf)
         assert len(det) == 0 and det.boxes.shape == (0, 4) and det.labels.dtype == np.int64
@@ -177,7 +200,7 @@ def test_no_proposals_gives_no_detections(kind):
 
 
 def test_detect_timers_and_eval_mode():
-    net = SPPDetector(tiny_backbone(), num_classes=2, fc_dim=16, scales=(100,))
+    net = Detector(SPPFeatures(tiny_backbone(), scales=(100,)), num_classes=2, fc_dim=16)
     net.train()
     timers = {}
     a = net.detect(IMAGE, BOXES, timers=timers)

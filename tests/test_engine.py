@@ -17,8 +17,9 @@ import yaml
 
 from conftest import REPO, write_devkit
 from sppdet import engine
-from sppdet.checkpoint import load_checkpoint
-from sppdet.config import SVMConfig, config_from_dict, load_config
+from sppdet.checkpoint import load_checkpoint, read_checkpoint
+from sppdet.config import SVMConfig, config_from_dict, load_config, resolve
+from sppdet.model import build_detector
 from sppdet.synthetic import ensure_dataset
 from sppdet.utils import SppdetError
 
@@ -63,7 +64,7 @@ def read_csv(path: Path) -> list[list[str]]:
 
 
 def state_dict(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    return read_checkpoint(path)["model"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -103,8 +104,9 @@ def test_tiny_run_writes_every_output(reference, shared):
     assert "data: 12 trainval / 6 test images" in log and "[spp] fine-tune: 20 iterations" in log
 
     detector, saved_cfg, classes = load_checkpoint(run_dir / "model.pt")
-    assert classes == CLASSES and saved_cfg == cfg and bool(detector.bbox_enabled)
-    assert detector.svm_weight.abs().sum() > 0  # the SVMs made it into the checkpoint
+    assert classes == CLASSES and saved_cfg == cfg and detector.kind == "spp"
+    assert detector.svm.weight.abs().sum() > 0  # the SVMs made it into the checkpoint
+    assert detector.regressor.coef.abs().sum() > 0 and detector.regressor.num_samples.sum() > 0
 
     comp = json.loads((run_dir / "comparison.json").read_text())
     entry = {"map", "ap", "conv_s", "fc_s", "total_s"}
@@ -135,7 +137,7 @@ def interrupt_then_resume(cfg, monkeypatch) -> tuple[Path, dict, str]:
     monkeypatch.setattr(engine.Stages, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         engine.run_training(cfg)
-    run_dir = engine.resolve(cfg.run.output_dir) / cfg.run.name
+    run_dir = resolve(cfg.run.output_dir) / cfg.run.name
     assert (run_dir / "stages" / "finetune_snapshot.pt").is_file() and not (run_dir / "model.pt").exists()
     monkeypatch.undo()
     offset = len((run_dir / "train.log").read_text())
@@ -183,15 +185,15 @@ def test_finished_run_resumed_redoes_nothing(reference, shared, tmp_path):
     assert engine.run_training(tiny(tmp_path, shared=shared), resume=True) == reference[1]
     log = new_log(run_dir, offset)
     for kind in ("spp", "rcnn"):
-        assert f"[{kind}] fine-tune: done earlier, loaded" in log
-        assert f"[{kind}] SVMs and box regression: done earlier, loaded" in log
+        for stage in ("fine-tune", "SVMs", "box regression"):
+            assert f"[{kind}] {stage}: done earlier, loaded" in log
     assert "iterations in" not in log and "resuming" not in log
     assert stage_times(run_dir) == before
     keys = [tuple(r[:3]) for r in read_csv(run_dir / "metrics.csv")]
     assert len(keys) == len(set(keys))  # the re-evaluation replaced the test rows
 
 
-def test_changed_svm_C_redoes_the_svms_and_what_follows_only(reference, shared, tmp_path):
+def test_changed_svm_C_redoes_the_svms_only(reference, shared, tmp_path):
     run_dir = copy_run(reference, tmp_path)
     before, offset = stage_times(run_dir), len((run_dir / "train.log").read_text())
     engine.run_training(tiny(tmp_path, "svm.C=0.01", shared=shared), resume=True)
@@ -199,12 +201,15 @@ def test_changed_svm_C_redoes_the_svms_and_what_follows_only(reference, shared, 
     after = stage_times(run_dir)
     for kind, prefix in (("spp", ""), ("rcnn", "rcnn/")):
         assert f"[{kind}] fine-tune: done earlier, loaded" in log
-        assert f"[{kind}] SVMs and box regression: done earlier" not in log
-        assert after[f"{prefix}stages/finetune.pt"] == before[f"{prefix}stages/finetune.pt"]
+        assert f"[{kind}] box regression: done earlier, loaded" in log  # it does not read the SVMs
+        assert f"[{kind}] SVMs: done earlier" not in log
+        for stage in ("finetune", "bbox_reg"):
+            assert after[f"{prefix}stages/{stage}.pt"] == before[f"{prefix}stages/{stage}.pt"]
         assert after[f"{prefix}stages/svm.pt"] != before[f"{prefix}stages/svm.pt"]
     new, old = state_dict(run_dir / "model.pt"), state_dict(reference[0] / "model.pt")
     assert torch.equal(new["head.fc7.weight"], old["head.fc7.weight"])
-    assert not torch.equal(new["svm_weight"], old["svm_weight"])
+    assert torch.equal(new["regressor.coef"], old["regressor.coef"])
+    assert not torch.equal(new["svm.weight"], old["svm.weight"])
     assert load_checkpoint(run_dir / "model.pt")[1].svm.C == 0.01
 
 
@@ -287,11 +292,11 @@ def test_pixel_std_scales_the_network_input():
     """model.pixel_std divides the mean-subtracted pixels (ZF-5: (v - 128) / std), for both
     feature paths; None keeps the paper's raw Caffe input."""
     image = np.array([[[0, 128, 255]]], np.uint8)
-    paper = engine.build_detector(load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=null"]), 5)
+    paper = build_detector(load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=null"]), 5)
     np.testing.assert_array_equal(paper.backbone.preprocess(image)[:, 0, 0].numpy(), [-128, 0, 127])
     for kind in ("spp", "rcnn"):
         cfg = load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=64"])
-        det = engine.build_detector(cfg, 5, kind=kind)
+        det = build_detector(cfg, 5, kind=kind)
         np.testing.assert_allclose(det.backbone.preprocess(image)[:, 0, 0].numpy(), [-2, 0, 127 / 64])
     with pytest.raises(SppdetError, match="model.pixel_std"):
-        engine.build_detector(load_config("demo", ["model.pixel_std=0"]), 5)
+        load_config("demo", ["model.pixel_std=0"])

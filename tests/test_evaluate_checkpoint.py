@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, write_devkit
 from sppdet.checkpoint import save_checkpoint
 from sppdet.config import load_config
-from sppdet.engine import build_detector
+from sppdet.model import build_detector
 
 CLASSES = ["car", "dog", "person"]  # no person in the test split: a curve without positives
 OBJECTS = {"000001": [("car", 5, 5, 30, 30, 0), ("dog", 35, 10, 60, 40, 0)],
@@ -42,8 +42,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     det = build_detector(cfg, len(CLASSES))
     with torch.no_grad():
-        det.svm_weight.normal_()
-        det.svm_bias.fill_(2.0)  # plenty of windows above the -1.5 threshold
+        det.svm.weight.normal_()
+        det.svm.bias.fill_(2.0)  # plenty of windows above the -1.5 threshold
     ckpt = tmp / "run" / "model.pt"
     save_checkpoint(ckpt, det, cfg, CLASSES)
     return tmp, devkit, ckpt
@@ -54,7 +54,7 @@ def test_evaluate_checkpoint_end_to_end(setup):
     out_json = tmp / "ap.json"
     p = script("--checkpoint", ckpt, "--json", out_json)
     assert p.returncode == 0, p.stderr
-    assert "VOC07 11-point" in p.stdout and "mAP" in p.stdout and "SPPDetector" in p.stdout
+    assert "VOC07 11-point" in p.stdout and "mAP" in p.stdout and "spp detector" in p.stdout
     assert "no positives (no non-difficult objects) for person" in p.stdout
     got = json.loads(out_json.read_text())
     assert set(got) == {"metric", "ap", "map"} and got["metric"] == "voc07"

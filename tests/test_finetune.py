@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sppdet.backbones import build_backbone
-from sppdet.detector import SPPDetector
-from sppdet.finetune import TrainWindows, finetune, flip_boxes, label_windows, learning_rate, sample_windows
+from sppdet.features import flip_boxes
+from sppdet.finetune import TrainWindows, label_windows, learning_rate, sample_windows
 
 
 # ----------------------------------------------------------------------------- windows
@@ -95,22 +95,34 @@ def test_learning_rate_schedule():
 
 # ----------------------------------------------------------------------------- training
 
-def synthetic_images(n: int = 4):
-    """Grey 64x64 images, each with a bright square (class 1) and a dark square (class 2),
-    and a grid of proposals around them."""
+import dataclasses  # noqa: E402
+
+import cv2  # noqa: E402
+
+from sppdet.config import FinetuneConfig  # noqa: E402
+from sppdet.detector import Detector  # noqa: E402
+from sppdet.features import SPPFeatures, TrainingFeatures  # noqa: E402
+from sppdet.finetune import finetune  # noqa: E402
+
+
+def synthetic_images(folder, n: int = 4):
+    """Grey 64x64 PNGs in `folder`, each with a bright square (class 1) and a dark square
+    (class 2), and a grid of proposals around them -> ({id: path}, {id: TrainWindows})."""
     rng = np.random.default_rng(0)
-    images, windows = {}, {}
+    paths, windows = {}, {}
     grid = np.array([[x, y, x + s - 1, y + s - 1] for s in (12, 20, 28) for x in range(0, 64 - s + 1, 6)
                      for y in range(0, 64 - s + 1, 6)], np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         image = np.full((64, 64, 3), 128, np.uint8)
         (x1, y1), (x2, y2) = rng.integers(2, 14, 2), rng.integers(34, 44, 2)
         image[y1:y1 + 18, x1:x1 + 18] = 250
         image[y2:y2 + 18, x2:x2 + 18] = 5
         gt = np.array([[x1, y1, x1 + 17, y1 + 17], [x2, y2, x2 + 17, y2 + 17]], np.float32)
-        images[f"im{i}"] = image
+        paths[f"im{i}"] = folder / f"im{i}.png"
+        cv2.imwrite(str(paths[f"im{i}"]), image)
         windows[f"im{i}"] = label_windows(grid, gt, np.array([1, 2]))
-    return images, windows
+    return paths, windows
 
 
 @pytest.fixture(autouse=True)
@@ -123,24 +135,26 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_detector(seed: int = 0, dropout: float = 0.5) -> SPPDetector:
+def tiny_detector(seed: int = 0, dropout: float = 0.5, scales=(128,)) -> Detector:
     torch.manual_seed(seed)
-    return SPPDetector(build_backbone("zf5", width=0.125), num_classes=2, levels=(4, 2, 1), fc_dim=64,
-                       scales=(128,), dropout=dropout)
+    features = SPPFeatures(build_backbone("zf5", width=0.125), levels=(4, 2, 1), scales=scales)
+    return Detector(features, num_classes=2, fc_dim=64, dropout=dropout)
 
 
-def run(detector, images, windows, iterations, **kw):
-    args = dict(iterations=iterations, lr=0.01, lr_steps=(25,), gamma=0.1, momentum=0.9, weight_decay=5e-4,
-                batch_size=32, images_per_batch=2, fg_fraction=0.25, fg_iou=0.5, bg_iou=(0.1, 0.5),
-                flip=True, seed=3)
-    args.update(kw)
-    return finetune(detector, sorted(images), images.__getitem__, windows, **args)
+def finetune_run(detector, paths, windows, iterations, cache="memory", folder=None, state=None,
+                 checkpoint=None, **kw):
+    settings = dict(iterations=iterations, lr=0.01, lr_steps=(25,), gamma=0.1, batch_size=32,
+                    images_per_batch=2, flip=True)
+    cfg = dataclasses.replace(FinetuneConfig(), **{**settings, **kw})
+    source = TrainingFeatures(detector.features, paths, {i: w.boxes for i, w in windows.items()},
+                              cache=cache, folder=folder, train_conv=cfg.train_conv)
+    return finetune(detector, source, windows, cfg, seed=3, state=state, checkpoint=checkpoint)
 
 
-def test_finetune_learns_an_easy_case():
-    images, windows = synthetic_images()
+def test_finetune_learns_an_easy_case(tmp_path):
+    paths, windows = synthetic_images(tmp_path)
     det = tiny_detector(dropout=0.0)
-    state = run(det, images, windows, 100, lr=0.03, lr_steps=())
+    state = finetune_run(det, paths, windows, 100, lr=0.03, lr_steps=())
     losses = [h["loss"] for h in state["history"]]
     assert [h["iteration"] for h in state["history"]] == [20, 40, 60, 80, 100] and state["iteration"] == 100
     # predicting only the class frequencies (3/4 background, 1/8 each class) costs 0.736
@@ -150,19 +164,21 @@ def test_finetune_learns_an_easy_case():
     for image_id, win in windows.items():
         fg = win.overlap >= 0.5
         with torch.no_grad():
-            pooled = det.pooled_features(images[image_id], torch.from_numpy(win.boxes[fg]))
+            pooled = det.features(cv2.imread(str(paths[image_id])), torch.from_numpy(win.boxes[fg]))
             logits = det.head.cls_score(det.head(pooled))
         assert (logits[:, 1:].argmax(1).numpy() + 1 == win.label[fg]).mean() > 0.9
 
 
-@pytest.mark.parametrize("options", [dict(feature_cache="memory"), dict(feature_cache="disk"),
-                                     dict(train_conv=True, conv_lr_mult=0.5)])
+@pytest.mark.parametrize("options", [dict(cache="memory"), dict(cache="disk"),
+                                     dict(train_conv=True, conv_lr_mult=0.5),
+                                     dict(random_scale=True, cache="memory", scales=(96, 128))])
 def test_resume_equals_an_uninterrupted_run(tmp_path, options):
     """Stop after 13 of 30 iterations (mid lr step, mid history window), resume from the saved
     snapshot on a differently initialised detector: the result is bit-identical."""
-    images, windows = synthetic_images(3)
-    if options.get("feature_cache") == "disk":
-        options = dict(options, cache_dir=tmp_path / "conv5")
+    paths, windows = synthetic_images(tmp_path / "images", 3)
+    if options.get("cache") == "disk":
+        options = dict(options, folder=tmp_path / "cache")
+    scales = options.pop("scales", (128,))
     saved = []
 
     def checkpoint(state):  # as the engine does: persist it at once (its tensors are live)
@@ -170,18 +186,15 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, options):
         torch.save(state, path)
         saved.append(path)
 
-    full = tiny_detector(0)
-    final = run(full, images, windows, 30, checkpoint=checkpoint, checkpoint_every=13, **options)
+    full = tiny_detector(0, scales=scales)
+    final = finetune_run(full, paths, windows, 30, checkpoint=checkpoint, checkpoint_every=13, **options)
     assert len(saved) == 2  # at 13 and 26; none at the end
     snapshot = torch.load(saved[0], weights_only=False)
     assert snapshot["iteration"] == 13
 
     torch.manual_seed(123)  # the global torch RNG (dropout) must come from the snapshot
-    resumed = tiny_detector(1)
-    if options.get("feature_cache") == "disk":  # a fresh process would find the files: drop them
-        for f in (tmp_path / "conv5").glob("*.npy"):
-            f.unlink()
-    again = run(resumed, images, windows, 30, state=snapshot, **options)
+    resumed = tiny_detector(1, scales=scales)
+    again = finetune_run(resumed, paths, windows, 30, state=snapshot, **options)
     assert again["iteration"] == final["iteration"] == 30
     assert again["history"] == final["history"]
     for name, value in full.state_dict().items():
@@ -190,29 +203,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, options):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
-def test_window_features_store_matches_the_network_path():
-    """With conv frozen and no flips, fine-tuning on stored pooled window features is the same
-    computation as running the R-CNN feature path every iteration: bit-identical weights."""
-    from sppdet.finetune import pooled_window_features
-    from sppdet.rcnn import RCNNDetector
+def test_divergence_is_one_line_naming_the_learning_rate(tmp_path):
+    from sppdet.utils import SppdetError
 
-    images, windows = synthetic_images(3)
-
-    def rcnn(seed):
-        torch.manual_seed(seed)
-        return RCNNDetector(build_backbone("zf5", width=0.125), num_classes=2, levels=(4, 2, 1),
-                            fc_dim=64, input_size=64, context=8)
-
-    direct = rcnn(0)
-    run(direct, images, windows, 12, flip=False)
-    stored = rcnn(0)
-    store = pooled_window_features(stored, sorted(images), images.__getitem__, windows)
-    for image_id, win in windows.items():
-        assert store[image_id].dtype == torch.float16 and store[image_id].shape == (len(win.boxes), stored.feature_dim)
-        with torch.no_grad():
-            expected = stored.pooled_features(images[image_id], torch.from_numpy(win.boxes))
-        torch.testing.assert_close(store[image_id].float(), expected, rtol=1e-3, atol=1e-2)
-        store[image_id] = expected  # exact features: the two paths must then agree exactly
-    run(stored, images, windows, 12, flip=False, window_features=store)
-    for name, value in direct.state_dict().items():
-        assert torch.equal(value, stored.state_dict()[name]), name
+    paths, windows = synthetic_images(tmp_path, 2)
+    det = tiny_detector(0)
+    with torch.no_grad():
+        det.head.fc6.weight.fill_(float("inf"))
+    with pytest.raises(SppdetError, match=r"fine-tuning diverged.*lower finetune.lr \(now 0.01\)"):
+        finetune_run(det, paths, windows, 5)

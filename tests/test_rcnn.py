@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sppdet.backbones import build_backbone
-from sppdet.rcnn import RCNNDetector, context_boxes, warp_windows
+from sppdet.rcnn import RCNNFeatures, context_boxes, warp_windows
 from sppdet.spp import spp_pool_maps
 
 
@@ -86,15 +86,15 @@ def test_warp_box_0_99_hand_worked():
 
 def test_rcnn_features_match_a_manual_warp_conv_pool_path():
     torch.manual_seed(0)
-    net = RCNNDetector(build_backbone("zf5", width=0.125), num_classes=2, levels=(3, 1), fc_dim=16,
-                       input_size=96, context=8, batch=2).eval()
+    net = RCNNFeatures(build_backbone("zf5", width=0.125), levels=(3, 1), input_size=96, context=8,
+                       batch=2).eval()
     image = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     boxes = torch.tensor([[0, 0, 69, 49], [10, 5, 30, 40], [60, 40, 69, 49]], dtype=torch.float32)
     with torch.no_grad():
-        got = net.pooled_features(image, boxes)
+        got = net(image, boxes)
         x = net.backbone.preprocess(image)
         want = torch.cat([spp_pool_maps(net.backbone(warp_windows(x, boxes[i:i + 1], 96, 8)), (3, 1))
                           for i in range(len(boxes))])
-    assert got.shape == (3, net.feature_dim)
+    assert got.shape == (3, net.output_dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert net.pooled_features(image, torch.zeros(0, 4)).shape == (0, net.feature_dim)
+    assert net(image, torch.zeros(0, 4)).shape == (0, net.output_dim)

@@ -7,7 +7,14 @@ import torch
 from sklearn.svm import LinearSVC
 
 from sppdet import boxes as box_ops
-from sppdet.svm import SVMTrainer, feature_scale, fit_svm, score, svm_objective
+from sppdet.heads import LinearSVMScorer
+from sppdet.svm import SVMTrainer, feature_scale, fit_svm, svm_objective
+
+
+def score(features, W, b, scale):
+    """The detector's SVM scores of raw features (N, D) as numpy: (features * scale) @ W.T + b."""
+    scorer = LinearSVMScorer.from_arrays(W, b, scale)
+    return scorer(torch.as_tensor(np.asarray(features, np.float32))).numpy()
 from sppdet.utils import SppdetError
 
 D = 10
@@ -39,13 +46,13 @@ def test_feature_scale_is_exact():
         feature_scale(np.zeros((0, 4)))
 
 
-def test_score_numpy_and_torch_agree():
+def test_scorer_module_computes_scaled_linear_scores():
     rng = np.random.default_rng(1)
     x, W, b = rng.standard_normal((5, 4)), rng.standard_normal((3, 4)), rng.standard_normal(3)
     ref = (x * 2.5) @ W.T + b
     np.testing.assert_allclose(score(x, W, b, 2.5), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(score(torch.from_numpy(x), W, b, 2.5).numpy(), ref, rtol=1e-5,
-                               atol=1e-5)
+    scorer = LinearSVMScorer.from_arrays(W, b, 2.5)
+    assert set(scorer.state_dict()) == {"weight", "bias", "scale"}  # a module owning its tensors
 
 
 def test_fit_svm_reproduces_linearsvc_and_objective():

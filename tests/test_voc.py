@@ -99,3 +99,24 @@ def test_custom_classes_and_missing_positives(tmp_path):
     (root / "VOC2007/ImageSets/Main/empty.txt").write_text("")
     with pytest.raises(SppdetError, match="the split is empty"):
         VOCDataset(root, split="empty", classes=("apple",)).check_trainable()
+
+
+def test_a_subset_of_the_classes_ignores_the_others_and_counts_them(tmp_path, sppdet_log):
+    from conftest import write_devkit
+    from sppdet.config import load_config
+    from sppdet.inference import load_datasets
+
+    write_devkit(tmp_path, {"a": [("cat", 3, 3, 30, 30, 0), ("dog", 5, 5, 20, 20, 0)],
+                            "b": [("dog", 10, 5, 60, 40, 1), ("bird", 1, 1, 9, 9, 0)]})
+    ds = VOCDataset(tmp_path, classes=("cat",), other_classes="ignore")
+    assert [r.labels.tolist() for r in ds] == [[1], []] and ds.ignored_classes == {"dog": 2, "bird": 1}
+    with pytest.raises(SppdetError, match="unknown class 'dog'"):
+        VOCDataset(tmp_path, classes=("cat",))
+    # through a config: a list other than VOC's 20 may be a subset, said once per split
+    [ds] = load_datasets(load_config(None, [f"data.root={tmp_path}", "data.classes=[cat, dog]"]), ["trainval"])
+    assert ds.ignored_classes == {"bird": 1}
+    assert sppdet_log == ["data: trainval: ignoring objects of classes not in data.classes (1 bird)"]
+    # VOC's full default list: an unknown name is still an error
+    with pytest.raises(SppdetError, match="unknown class 'unicorn'"):
+        write_devkit(tmp_path / "odd", {"a": [("cat", 3, 3, 30, 30, 0), ("unicorn", 1, 1, 9, 9, 0)]})
+        load_datasets(load_config(None, [f"data.root={tmp_path / 'odd'}"]), ["trainval"])

@@ -1,0 +1,236 @@
+"""The paper's Table 10 for this machine: SPP-net against R-CNN on the same network, as the
+training run reports it (mAP and time per image on the test split: `comparison`) and as the
+benchmark measures it (conv, pooling, fc and total time per image for SPP 1-scale, SPP 5-scale
+and R-CNN on the same images, proposals and weights: `run_benchmark`).
+
+Times are seconds per image. conv includes resizing + preprocessing (R-CNN: crop + warp of every
+window); total is the detector's whole time per image without NMS and proposals.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .utils import SppdetError, Timer
+
+# ----------------------------------------------------------------------------- train.py's table
+
+
+def comparison(spp: tuple[dict, dict], rcnn: tuple[dict, dict]) -> dict:
+    """(metrics, times) of SPP-net and of R-CNN on the test split -> the comparison.json dict."""
+    def entry(metrics, times):
+        return {"map": metrics["map"], "ap": metrics["ap"], "conv_s": times.get("conv_s", 0.0),
+                "fc_s": times.get("fc_s", 0.0), "total_s": times["total_s"]}
+    out = {"spp": entry(*spp), "rcnn": entry(*rcnn)}
+    out["speedup"] = {"conv": out["rcnn"]["conv_s"] / max(out["spp"]["conv_s"], 1e-12),
+                      "total": out["rcnn"]["total_s"] / max(out["spp"]["total_s"], 1e-12)}
+    return out
+
+
+def comparison_markdown(comp: dict, metric: str, device: str) -> str:
+    s, r, up = comp["spp"], comp["rcnn"], comp["speedup"]
+    lines = [f"# SPP-net vs R-CNN (the paper's Table 10 layout), {device}", "",
+             "| | SPP-net (1 network pass per scale) | R-CNN (1 pass per window) |", "|---|---|---|",
+             f"| mAP ({metric}) | {100 * s['map']:.1f} | {100 * r['map']:.1f} |",
+             f"| conv time per image (s) | {s['conv_s']:.4f} | {r['conv_s']:.4f} |",
+             f"| fc time per image (s) | {s['fc_s']:.4f} | {r['fc_s']:.4f} |",
+             f"| total time per image (s) | {s['total_s']:.4f} | {r['total_s']:.4f} |",
+             f"| speed-up (conv) | {up['conv']:.1f}x | 1x |",
+             f"| speed-up (total) | {up['total']:.1f}x | 1x |", "",
+             "Times exclude selective search (computed once and cached, shared by both); total "
+             "includes NMS.", "",
+             "| class | SPP-net AP | R-CNN AP |", "|---|---|---|"]
+    lines += [f"| {c} | {100 * s['ap'][c]:.1f} | {100 * r['ap'][c]:.1f} |" for c in s["ap"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- benchmark.py
+
+METHODS = {  # name -> (column title, detector kind, scales)
+    "spp_1scale": ("SPP 1-scale", "spp", (688,)),
+    "spp_5scale": ("SPP 5-scale", "spp", (480, 576, 688, 864, 1200)),
+    "rcnn": ("R-CNN", "rcnn", None),
+}
+PARTS = ("warp", "conv", "pool", "fc", "nms")  # the timers the detectors fill
+WARMUP_WINDOWS = 64  # R-CNN warms up on one conv batch, not on ~2000 windows
+
+
+def time_detect(detector, image: np.ndarray, boxes: np.ndarray, device: torch.device) -> dict[str, float]:
+    """One `detect` call -> seconds by part: conv (R-CNN: warp included), warp, pool, fc, nms,
+    and total = the call's wall time minus NMS."""
+    timers = {k: Timer(device) for k in PARTS}  # every part present, even those a method skips
+    wall = Timer(device)
+    with wall:
+        detector.detect(image, boxes, timers=timers)
+    t = {k: timers[k].total for k in PARTS}
+    t["conv"] += t["warp"]  # crop + warp is R-CNN's counterpart of SPP's resize + preprocess
+    t["total"] = wall.total - t["nms"]
+    return t
+
+
+def per_image(samples: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
+    """Mean seconds per image over (times, windows timed, windows of the image) samples; an
+    image timed on part of its windows counts as times * windows / timed (linear in windows)."""
+    keys = samples[0][0].keys()
+    return {f"{k}_s": float(np.mean([t[k] * total / timed for t, timed, total in samples])) for k in keys}
+
+
+def build_benchmark_detectors(cfg, num_classes: int, device: torch.device) -> dict:
+    """The three detectors on one random network (conv and fc), with random SVMs."""
+    from .model import build_detector
+
+    torch.manual_seed(cfg.run.seed)
+    detectors = {}
+    for name, (_, kind, scales) in METHODS.items():
+        model = cfg.model if scales is None else dataclasses.replace(cfg.model, scales=scales)
+        detectors[name] = build_detector(dataclasses.replace(cfg, model=model), num_classes, kind=kind)
+    first = detectors["spp_1scale"]
+    gen = torch.Generator().manual_seed(cfg.run.seed)
+    # Random SVMs: only NMS (reported apart) depends on the scores.
+    first.svm.weight.copy_(torch.randn(first.svm.weight.shape, generator=gen) / first.svm.weight.shape[1] ** 0.5)
+    first.svm.bias.fill_(-1.0)
+    for det in detectors.values():
+        det.load_state_dict(first.state_dict())
+        det.to(device).eval()
+    return detectors
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = ""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({model + ', ' if model else ''}{os.cpu_count()} cores)"
+
+
+def benchmark_proposals(records, cfg, max_boxes: int, cache_dir: str | Path):
+    from .proposals import compute_proposals_with_stats
+
+    p = cfg.proposals
+    run = compute_proposals_with_stats(records, mode=p.mode, max_boxes=max_boxes, min_size=p.min_size,
+                                       resize=p.resize, cache_dir=cache_dir, workers=p.workers)
+    for rec in records:
+        if rec.image_id in run.failures:
+            raise SppdetError(f"{rec.path}: selective search failed ({run.failures[rec.image_id]})")
+        if len(run.boxes[rec.image_id]) == 0:
+            raise SppdetError(f"{rec.path}: no proposals of at least {p.min_size} px; "
+                              f"lower proposals.min_size (--set proposals.min_size=N)")
+    return run
+
+
+def format_benchmark(result: dict) -> str:
+    m, up = result["methods"], result["speedup"]
+    names = list(METHODS)
+    cols = "".join(f"{METHODS[n][0]:>14s}" for n in names)
+
+    def row(label, values):
+        return f"{label:<28s}" + "".join(f"{v:>14s}" for v in values)
+
+    r = result["rcnn"]
+    windows = "all windows" if not r["extrapolated"] else \
+        f"first {r['windows_timed']} windows per image, times scaled linearly to all windows (EXTRAPOLATED)"
+    lines = [
+        f"SPP-net vs R-CNN (the paper's Table 10 layout): {result['network']}",
+        f"device {result['device']}, {result['threads']} torch threads (pooling runs on one, see sppdet.spp)",
+        f"{result['images']} images of {result['dataset']}, {result['proposals_per_image']:.0f} proposals per image; "
+        f"R-CNN timed on {r['images']} of them ({m['rcnn']['windows_per_image']:.0f} proposals per image), {windows}",
+        "",
+        f"{'seconds per image':<28s}{cols}",
+        row("conv time", [f"{m[n]['conv_s']:.4f}" for n in names]),
+        row("pooling time", [f"{m[n]['pool_s']:.4f}" for n in names]),
+        row("fc time (fc6, fc7, SVM)", [f"{m[n]['fc_s']:.4f}" for n in names]),
+        row("total time", [f"{m[n]['total_s']:.4f}" for n in names]),
+        row("speed-up vs R-CNN (conv)", [f"{up[n]['conv']:.1f}x" for n in names[:-1]] + ["1x"]),
+        row("speed-up vs R-CNN (total)", [f"{up[n]['total']:.1f}x" for n in names[:-1]] + ["1x"]),
+        "",
+        row("NMS (not in total)", [f"{m[n]['nms_s']:.4f}" for n in names]),
+        f"proposals: selective search ({result['proposal_mode']}) {result['proposal_s']:.2f} s per image "
+        f"(measured when computed; not in any time above)",
+        "conv includes resize + preprocessing (R-CNN: crop + warp of each window); total = the "
+        "detector's time per image without NMS and proposals.",
+        f"pooling / conv, SPP 1-scale: {100 * m['spp_1scale']['pool_s'] / m['spp_1scale']['conv_s']:.0f}%",
+    ]
+    return "\n".join(lines)
+
+
+def run_benchmark(voc_root: str | Path, year: str = "2007", split: str = "test", images: int = 3,
+                  max_proposals: int = 2000, config: str | None = None, overrides=(),
+                  rcnn_images: int = 1, rcnn_windows: int | None = None, device: str | None = None,
+                  threads: int | None = None, proposal_cache: str | Path | None = None) -> dict:
+    """Time the three methods on the first `images` images of a split (R-CNN on the first
+    `rcnn_images`, optionally on its first `rcnn_windows` windows, scaled linearly) after one
+    untimed warm-up, image-major so load changes hit all methods alike -> the figures."""
+    from .config import load_config, resolve
+    from .utils import pick_device
+    from .voc import VOCDataset, load_image
+
+    for name, value in (("images", images), ("max-proposals", max_proposals), ("rcnn-images", rcnn_images),
+                        ("rcnn-windows", rcnn_windows), ("threads", threads)):
+        if value is not None and value < 1:
+            raise SppdetError(f"--{name} must be >= 1, got {value}")
+    cfg = load_config(config, ["model.weights=none"] + list(overrides))
+    threads = threads or cfg.run.threads
+    if threads:
+        torch.set_num_threads(threads)
+    device = pick_device(device or cfg.run.device, key="--device")
+    if voc_root is None:  # the embedded set, as the demo generates it
+        from .inference import load_datasets
+        [dataset] = load_datasets(load_config("demo"), [split])
+    else:  # labels do not matter for timing: every class is read, none is an error
+        dataset = VOCDataset(voc_root, year, split, classes=cfg.data.classes, other_classes="ignore")
+    dataset.check_not_empty()
+    records = dataset.records[:images]
+    n_rcnn = min(rcnn_images, len(records))
+    proposals = benchmark_proposals(records, cfg, max_proposals, proposal_cache or resolve("cache/proposals"))
+    detectors = build_benchmark_detectors(cfg, len(dataset.classes), device)
+
+    with torch.no_grad():
+        image, boxes = load_image(records[0].path), proposals.boxes[records[0].image_id]
+        for name, det in detectors.items():  # warm-up: thread pools, allocator, oneDNN kernels
+            det.detect(image, boxes[:WARMUP_WINDOWS] if name == "rcnn" else boxes)
+        samples = {name: [] for name in METHODS}
+        for i, rec in enumerate(records):
+            image, boxes = load_image(rec.path), proposals.boxes[rec.image_id]
+            for name, det in detectors.items():
+                if name == "rcnn" and i >= n_rcnn:
+                    continue
+                timed = boxes[:rcnn_windows] if name == "rcnn" and rcnn_windows else boxes
+                t = time_detect(det, image, timed, device)
+                samples[name].append((t, len(timed), len(boxes)))
+                print(f"[{i + 1}/{len(records)}] {rec.image_id} {name}: {t['total']:.2f} s "
+                      f"({len(timed)} windows)", file=sys.stderr, flush=True)
+
+    methods = {name: {**per_image(s), "images": len(s),
+                      "windows_per_image": float(np.mean([total for _, _, total in s]))}
+               for name, s in samples.items()}
+    rcnn = methods["rcnn"]
+    speedup = {name: {"conv": rcnn["conv_s"] / methods[name]["conv_s"],
+                      "total": rcnn["total_s"] / methods[name]["total_s"]} for name in METHODS if name != "rcnn"}
+    m = cfg.model
+    extrapolated = bool(rcnn_windows) and any(timed < total for _, timed, total in samples["rcnn"])
+    return {
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "images": len(records),
+        "proposals_per_image": float(np.mean([len(proposals.boxes[r.image_id]) for r in records])),
+        "proposal_s": float(np.mean([proposals.seconds[r.image_id] for r in records])),
+        "proposal_mode": cfg.proposals.mode,
+        "dataset": f"{dataset.folder} {split}",
+        "network": f"{m.backbone} (width {m.width}, fc {m.fc_dim}, weights {m.weights}), "
+                   f"levels {list(m.levels)}",
+        "methods": methods,
+        "speedup": speedup,
+        "rcnn": {"images": n_rcnn, "input_size": m.rcnn_input_size, "context": m.rcnn_context,
+                 "windows_timed": rcnn_windows if extrapolated else "all", "extrapolated": extrapolated},
+        "notes": "seconds per image; conv includes resize + preprocessing (R-CNN: crop + warp); "
+                 "total = detector time without NMS (nms_s) and without proposals (proposal_s)",
+    }
