@@ -16,7 +16,14 @@ VOC rules (VOC2007 devkit ``VOCevaldet.m``; ``voc10`` swaps in the VOC2010+ area
   without objects are part of the split). Recall = cumsum(tp) / npos; precision =
   cumsum(tp) / (cumsum(tp) + cumsum(fp)), set to 0 where nothing has counted yet (the devkit
   gets NaN there when the top detections are all ignored).
-- ``voc07``: 11-point interpolated AP; ``voc10``: area under the monotone precision envelope.
+- ``voc07``: 11-point interpolated AP over recall thresholds ``t = 0:0.1:1`` as MATLAB builds
+  them (the official devkit runs under MATLAB): its 0.6 and 0.7 are the doubles nearest 0.6 and
+  0.7, so a recall of exactly 0.6 or 0.7 (6/10, 7/10, 3/5, 14/20, ...) reaches them.
+  ``voc07_py``: the same with ``numpy.arange(0, 1.1, 0.1)`` as py-faster-rcnn's ``voc_eval.py``
+  (and GNU Octave) build them, whose 0.6000000000000001 and 0.7000000000000001 such recalls
+  miss; use it to compare with papers evaluated in Python. In both, t[3] is
+  0.30000000000000004, so a recall of exactly 0.3 misses 0.3. ``voc10``: area under the
+  monotone precision envelope.
 - A class with no detections has AP 0. A class with no positives (npos == 0) has AP 0 as well
   (the devkit's recall is 0/0 there); the table flags both, and mAP is the plain mean over all
   the classes asked for.
@@ -29,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -39,19 +47,59 @@ import numpy as np
 
 from .utils import SppdetError, write_text_atomic
 
-METRICS = ("voc07", "voc10")
+METRICS = ("voc07", "voc07_py", "voc10")
 METRIC_NAMES = {
-    "voc07": "VOC07 11-point AP, IoU >= 0.5",
+    "voc07": "VOC07 11-point AP (devkit thresholds, as MATLAB builds 0:0.1:1), IoU >= 0.5",
+    "voc07_py": "VOC07 11-point AP (numpy.arange thresholds, as py-faster-rcnn), IoU >= 0.5",
     "voc10": "VOC10 area AP, IoU >= 0.5",
     "coco": "COCO AP@[.5:.95] (pycocotools)",
 }
 MIN_OVERLAP = 0.5
 
-# The 11 recall thresholds. This is exactly numpy's arange (as the Python ports use), whose
-# 4th, 7th and 8th values are 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001:
-# a recall of exactly 0.3 (or 0.6, 0.7) does not reach them. (MATLAB's colon operator builds
-# 0:0.1:1 from both ends and gives exactly 0.6 and 0.7; only 0.3 agrees.)
-VOC07_THRESHOLDS = np.arange(0, 1.1, 0.1)
+
+def matlab_colon(a: float, d: float, b: float) -> np.ndarray:
+    """``a:d:b`` as MATLAB builds it, in float64 (the algorithm MathWorks documents for the
+    colon operator, general case, d != 0).
+
+    n = round((b - a) / d) intervals (MATLAB's round: halves away from zero), one fewer if
+    a + n*d overshoots b by more than tol = 2 * eps * max(|a|, |b|); the right end c = a + n*d,
+    snapped to b when within tol. Element k (0-based) is a + k*d in the first half and
+    c - (n-k)*d in the second, so the vector is symmetric about its midpoint, which (n even)
+    is exactly (a + c) / 2. Unlike repeated
+    addition or numpy.arange (a + k*d throughout), the values near b are b minus a small
+    multiple of d: for 0:0.1:1 they are 1 - 0.4 = 0.6 and 1 - 0.3 = 0.7 exactly (as doubles).
+    """
+    a, d, b = float(a), float(d), float(b)
+    if not (math.isfinite(a) and math.isfinite(d) and math.isfinite(b)):
+        raise ValueError(f"matlab_colon: non-finite argument {a}:{d}:{b}")
+    if d == 0 or (a < b and d < 0) or (b < a and d > 0):
+        return np.zeros(0)
+    tol = 2.0 * np.finfo(np.float64).eps * max(abs(a), abs(b))
+    sig = 1.0 if d > 0 else -1.0
+    n = math.floor((b - a) / d + 0.5)  # (b - a) / d >= 0 here
+    if sig * (a + n * d - b) > tol:
+        n -= 1
+    c = a + n * d
+    if sig * (c - b) > -tol:
+        c = b
+    out = np.empty(n + 1)
+    for k in range(n // 2 + 1):
+        out[k] = a + k * d
+        out[n - k] = c - k * d
+    if n % 2 == 0:
+        out[n // 2] = (a + c) / 2
+    return out
+
+
+# The 11 recall thresholds of VOC07 AP. voc07: the official devkit's `for t=0:0.1:1` as MATLAB
+# runs it: 0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1 (0.6 and 0.7 the
+# doubles nearest them). voc07_py: numpy.arange(0, 1.1, 0.1), as py-faster-rcnn's voc_eval.py,
+# which differs exactly there: 0.6000000000000001 and 0.7000000000000001. A recall of exactly
+# 0.6 or 0.7 reaches the first and misses the second; a recall of exactly 0.3 misses
+# 0.30000000000000004 in both.
+VOC07_THRESHOLDS = matlab_colon(0, 0.1, 1)
+VOC07_PY_THRESHOLDS = np.arange(0, 1.1, 0.1)
+_THRESHOLDS = {"voc07": VOC07_THRESHOLDS, "voc07_py": VOC07_PY_THRESHOLDS}
 
 RESULTS_FILE = "comp4_det_{split}_{cls}.txt"
 
@@ -135,7 +183,7 @@ class VOCEvaluator:
     """Accumulates per-image detections, then scores them: ``process`` per image, ``evaluate``.
 
     records: the ImageRecords of the split (VOCDataset(..., strict=False).records);
-    metric: voc07, voc10 or coco.
+    metric: voc07, voc07_py, voc10 or coco.
     """
 
     def __init__(self, records: Sequence, classes: Sequence[str], metric: str = "voc07"):
@@ -167,16 +215,17 @@ class VOCEvaluator:
 def voc_ap(rec, prec, metric: str = "voc07") -> float:
     """AP from recall and precision arrays (D,), in score order.
 
-    voc07: mean over t in VOC07_THRESHOLDS of max(prec[rec >= t]) (0 if none), accumulated as
-    the devkit does (ap += p / 11). voc10: area under the precision envelope, with
+    voc07: mean over t in VOC07_THRESHOLDS (MATLAB's 0:0.1:1) of max(prec[rec >= t]) (0 if
+    none), accumulated as the devkit does (ap += p / 11); voc07_py: the same over
+    VOC07_PY_THRESHOLDS (numpy.arange). voc10: area under the precision envelope, with
     mrec = [0, rec, 1], mpre = [0, prec, 0] and the envelope taken from the right.
     `prec` must not hold NaN (evaluate_class writes 0 where nothing has counted yet).
     """
     rec = np.asarray(rec, dtype=np.float64).reshape(-1)
     prec = np.asarray(prec, dtype=np.float64).reshape(-1)
-    if metric == "voc07":
+    if metric in _THRESHOLDS:
         ap = 0.0
-        for t in VOC07_THRESHOLDS:
+        for t in _THRESHOLDS[metric]:
             above = rec >= t
             p = float(prec[above].max()) if above.any() else 0.0
             ap = ap + p / 11

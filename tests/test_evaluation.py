@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sppdet.evaluation import (VOC07_THRESHOLDS, ClassDetections, VOCEvaluator, coco_ap,
-                               collect_detections, evaluate_class, evaluate_detections,
-                               format_ap_table, read_results_file, read_results_files,
+from sppdet.evaluation import (METRIC_NAMES, METRICS, VOC07_PY_THRESHOLDS, VOC07_THRESHOLDS,
+                               ClassDetections, VOCEvaluator, coco_ap, collect_detections,
+                               evaluate_class, evaluate_detections, format_ap_table,
+                               matlab_colon, read_results_file, read_results_files,
                                to_coco_ground_truth, to_coco_results, voc_ap,
                                write_results_files)
 from sppdet.utils import SppdetError
@@ -166,26 +167,114 @@ def test_score_ties_keep_file_order():
     np.testing.assert_array_equal(r.tp, pattern.astype(float))
 
 
-def test_recall_exactly_point_three_does_not_reach_the_03_threshold():
-    # 10 images with one box each; 3 TPs -> rec = [0.1, 0.2, 0.3], prec = 1.
-    # VOC07 thresholds come from np.arange(0, 1.1, 0.1): t[3] = 0.30000000000000004 > 0.3,
-    # so only t = 0, 0.1, 0.2 count: AP07 = 3/11 (not 4/11). AP10 = 0.1 + 0.1 + 0.1 = 0.3.
-    assert VOC07_THRESHOLDS[3] > 0.3
-    g = gt(*[(f"i{n}", [B], [0]) for n in range(10)])
-    d = dets(*[(f"i{n}", 1.0 - n / 10, *B) for n in range(3)])
+# --------------------------------------------------------------------------------------------
+# the 11 thresholds: MATLAB's 0:0.1:1 (voc07) and numpy.arange (voc07_py)
+
+
+def test_voc07_thresholds_are_matlabs_and_voc07_py_are_numpys():
+    # written out as literals: 0.30000000000000004 is 3 * 0.1; 0.6 and 0.7 are the doubles
+    # nearest 0.6 and 0.7 (MATLAB's 1 - 0.4 and 1 - 0.3)
+    assert VOC07_THRESHOLDS.tolist() == [0, 0.1, 0.2, 0.30000000000000004, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                         0.9, 1.0]
+    assert VOC07_PY_THRESHOLDS.tolist() == np.arange(0, 1.1, 0.1).tolist()
+    assert VOC07_PY_THRESHOLDS[6] == 0.6000000000000001 and VOC07_PY_THRESHOLDS[7] == 0.7000000000000001
+    # they differ exactly at 0.6 and 0.7
+    assert np.flatnonzero(VOC07_THRESHOLDS != VOC07_PY_THRESHOLDS).tolist() == [6, 7]
+    assert set(METRICS) >= {"voc07", "voc07_py", "voc10"} and "voc07_py" in METRIC_NAMES
+
+
+def test_matlab_colon_is_symmetric_and_matches_matlab_output():
+    # A MATLAB session reported on MATLAB Answers ("Floating point accuracy and COLON"):
+    # x = 0:0.1:0.3; y = 0:0.1:0.4; x - y(1:end-1) = 1e-16 * [0 0 -0.2776 -0.5551]:
+    # x ends at 0.3 exactly and x(3) = 0.3 - 0.1, while y(4) = 0.4 - 0.1 = 0.30000000000000004.
+    x, y = matlab_colon(0, 0.1, 0.3), matlab_colon(0, 0.1, 0.4)
+    assert (x - y[:-1]).tolist() == [0.0, 0.0, -2.0 ** -55, -2.0 ** -54]
+    # -1:0.01:1 is 201 values symmetric about 0, with 0 exactly in the middle
+    v = matlab_colon(-1, 0.01, 1)
+    assert len(v) == 201 and v[100] == 0.0 and (v == -v[::-1]).all()
+    # an even count has the exact midpoint (a + c) / 2: 0:0.1:0.6 has 0.3 in the middle, where
+    # 0 + 3 * 0.1 = 0.30000000000000004 and 0.6 - 3 * 0.1 = 0.29999999999999993
+    v = matlab_colon(0, 0.1, 0.6)
+    assert v[3] == 0.3 and v[2] == 0.2 and v[4] == 0.6 - 0.2 and v[6] == 0.6
+    # a step that does not divide the range: n = 3, c = 3 * 0.3 = 0.8999999999999999 (not
+    # snapped to 1), and the second half counts back from c: c - 0.3 = 0.5999999999999999
+    assert matlab_colon(0, 0.3, 1).tolist() == [0, 0.3, 0.8999999999999999 - 0.3, 0.8999999999999999]
+    assert matlab_colon(1, -0.1, 0).tolist() == matlab_colon(0, 0.1, 1)[::-1].tolist()
+    assert matlab_colon(0, 1, 0).tolist() == [0.0] and matlab_colon(1, 1, 0).size == 0
+
+
+def ten_boxes_and(flags):
+    """npos = 10 (images i0..i9, one box each); detections in decreasing score, flag True = a TP
+    on the next unmatched box, False = a FP (on image "e", which has no objects)."""
+    g = gt(*[(f"i{n}", [B], [0]) for n in range(10)], ("e", [], []))
+    rows, n = [], 0
+    for k, hit in enumerate(flags):
+        rows.append((f"i{n}" if hit else "e", 1.0 - k / 100, *B))
+        n += hit
+    return g, dets(*rows)
+
+
+def test_recall_exactly_03_misses_the_03_threshold_in_both():
+    # npos = 10, 3 TPs: rec = 0.1, 0.2, 0.3 (3/10 is the double nearest 0.3), prec = 1.
+    # t[3] = 0.30000000000000004 > 0.3 in both threshold sets, so only t = 0, 0.1, 0.2 count:
+    # AP07 = AP07_py = 3/11 (not 4/11). AP10 = 0.1 + 0.1 + 0.1 = 0.3.
+    assert VOC07_THRESHOLDS[3] > 0.3 and VOC07_PY_THRESHOLDS[3] > 0.3
+    g, d = ten_boxes_and([True] * 3)
     r = evaluate_class(g, d)
     assert r.recall[-1] == 0.3
     assert r.ap == pytest.approx(3 / 11, abs=1e-15)
+    assert evaluate_class(g, d, "voc07_py").ap == pytest.approx(3 / 11, abs=1e-15)
     assert evaluate_class(g, d, "voc10").ap == pytest.approx(0.3, abs=1e-15)
 
 
-def test_recall_exactly_point_six_does_not_reach_06_either():
-    # 5 boxes, 3 TPs: rec = [0.2, 0.4, 0.6]; np.arange gives t[6] = 0.6000000000000001, so
-    # t = 0, .1, .2, .3, .4, .5 count -> AP07 = 6/11. (MATLAB's colon would give 0.6 exactly
-    # and 7/11; see VOC07_THRESHOLDS.)
+def test_recall_exactly_06_reaches_06_under_matlab_thresholds_only():
+    # npos = 10; T T F T T T T: ctp = 1 2 2 3 4 5 6, cfp = 0 0 1 1 1 1 1
+    # prec = 1, 1, 2/3, 3/4, 4/5, 5/6, 6/7; rec = .1, .2, .2, .3, .4, .5, .6 (6/10 = the double
+    # nearest 0.6)
+    # t = 0, .1, .2: max prec = 1 (3 points)
+    # t = .30000000000000004, .4, .5: rec >= t are .4, .5, .6 -> max(4/5, 5/6, 6/7) = 6/7
+    # t = 0.6: voc07 (MATLAB, 0.6) reaches rec .6 -> 6/7; voc07_py (0.6000000000000001) -> 0
+    # t = .7 .. 1: 0
+    # voc07 = (3 + 4 * 6/7) / 11 = 45/77; voc07_py = (3 + 3 * 6/7) / 11 = 39/77
+    g, d = ten_boxes_and([True, True, False, True, True, True, True])
+    r = evaluate_class(g, d, "voc07")
+    assert r.recall[-1] == 0.6
+    assert r.ap == pytest.approx(45 / 77, abs=1e-15)
+    assert evaluate_class(g, d, "voc07_py").ap == pytest.approx(39 / 77, abs=1e-15)
+    # the same with npos = 5 and 3 TPs (3/5 is the same double): rec = .2, .4, .6, prec 1
+    # -> voc07 7/11 (t = 0 .. 0.6), voc07_py 6/11 (t = 0 .. 0.5)
     g = gt(*[(f"i{n}", [B], [0]) for n in range(5)])
     d = dets(*[(f"i{n}", 1.0 - n / 10, *B) for n in range(3)])
-    assert evaluate_class(g, d).ap == pytest.approx(6 / 11, abs=1e-15)
+    assert evaluate_class(g, d).ap == pytest.approx(7 / 11, abs=1e-15)
+    assert evaluate_class(g, d, "voc07_py").ap == pytest.approx(6 / 11, abs=1e-15)
+
+
+def test_recall_exactly_07_reaches_07_under_matlab_thresholds_only():
+    # npos = 10; T T T T T T F T: ctp = 1..6 6 7, cfp = 0 x6, 1, 1
+    # prec = 1 (x6), 6/7, 7/8; rec = .1 .. .6, .6, .7 (7/10 = the double nearest 0.7)
+    # voc07 (MATLAB): t = 0 .. 0.6 (7 points) -> 1 (rec .6 has prec 1); t = 0.7 reaches rec .7
+    #   -> 7/8; t = .8, .9, 1 -> 0: AP = (7 + 7/8) / 11 = 63/88
+    # voc07_py: t = 0 .. 0.5 (6 points) -> 1; t = 0.6000000000000001 > rec .6, so only rec .7
+    #   -> 7/8; t = 0.7000000000000001 > .7 -> 0: AP = (6 + 7/8) / 11 = 55/88 = 5/8
+    g, d = ten_boxes_and([True] * 6 + [False, True])
+    r = evaluate_class(g, d, "voc07")
+    assert r.recall[-1] == 0.7
+    assert r.ap == pytest.approx(63 / 88, abs=1e-15)
+    assert evaluate_class(g, d, "voc07_py").ap == pytest.approx(5 / 8, abs=1e-15)
+
+
+def test_recall_03_06_07_in_one_curve():
+    # npos = 10; T T T F T T T F T F: ctp = 1 2 3 3 4 5 6 6 7 7, cfp = 0 0 0 1 1 1 1 2 2 3
+    # rec = .1 .2 .3 .3 .4 .5 .6 .6 .7 .7; prec = 1 1 1 3/4 4/5 5/6 6/7 6/8 7/9 7/10
+    # t = 0, .1, .2: 1 (3 points); t = .30000000000000004 (misses rec .3 in both), .4, .5:
+    #   max over rec >= .4 = max(4/5, 5/6, 6/7, 3/4, 7/9, 7/10) = 6/7 (3 points)
+    # voc07: t = 0.6 -> 6/7; t = 0.7 -> max(7/9, 7/10) = 7/9; t = .8 .. 1 -> 0
+    #   = (3 + 4 * 6/7 + 7/9) / 11 = (189 + 216 + 49) / 63 / 11 = 454/693
+    # voc07_py: t = 0.6000000000000001 -> rec .7 only -> 7/9; t = 0.7000000000000001 -> 0
+    #   = (3 + 3 * 6/7 + 7/9) / 11 = (189 + 162 + 49) / 63 / 11 = 400/693
+    g, d = ten_boxes_and([True, True, True, False, True, True, True, False, True, False])
+    assert evaluate_class(g, d, "voc07").ap == pytest.approx(454 / 693, abs=1e-15)
+    assert evaluate_class(g, d, "voc07_py").ap == pytest.approx(400 / 693, abs=1e-15)
 
 
 def test_envelope_numbers_voc07_and_voc10():
@@ -205,15 +294,22 @@ def test_envelope_numbers_voc07_and_voc10():
     ap07, ap10 = ap_both(g, d)
     assert ap10 == pytest.approx(0.25 + 0.25 * 2 / 3 + 0.25 * 0.6, abs=1e-15)
     assert ap07 == pytest.approx(6.2 / 11, abs=1e-15)
+    # no recall lands on 0.6 or 0.7 exactly: voc07_py agrees
+    assert evaluate_class(g, d, "voc07_py").ap == ap07
 
 
 def test_voc_ap_on_given_curves():
     # monotone precision 1 up to recall 0.5, nothing after: AP07 = 6/11 (t = 0..0.5), AP10 = 0.5
     assert voc_ap([0.25, 0.5], [1.0, 1.0], "voc07") == pytest.approx(6 / 11, abs=1e-15)
+    assert voc_ap([0.25, 0.5], [1.0, 1.0], "voc07_py") == pytest.approx(6 / 11, abs=1e-15)
+    # recall 0.7 reached: MATLAB's t = 0.7 counts it (8 points), numpy's 0.7000000000000001 not
+    assert voc_ap([0.7], [1.0], "voc07") == pytest.approx(8 / 11, abs=1e-15)
+    assert voc_ap([0.7], [1.0], "voc07_py") == pytest.approx(7 / 11, abs=1e-15)
     assert voc_ap([0.25, 0.5], [1.0, 1.0], "voc10") == 0.5
     # a dip is bridged by the envelope: prec (1, .25, .5) at rec (.5, .5, 1) -> .5 * 1 + .5 * .5
     assert voc_ap([0.5, 0.5, 1.0], [1.0, 0.25, 0.5], "voc10") == 0.75
     assert voc_ap([], [], "voc07") == 0.0 and voc_ap([], [], "voc10") == 0.0
+    assert voc_ap([], [], "voc07_py") == 0.0
     with pytest.raises(ValueError):
         voc_ap([1.0], [1.0], "area51")
 
@@ -247,6 +343,12 @@ def test_empty_class_and_class_without_positives_and_images_without_objects():
     assert "VOC07 11-point" in table and "mAP" in table and "28.3" in table  # 84.8 / 3
     assert "no positives" in table.splitlines()[4]  # the dog row
     assert "no detections" in table.splitlines()[5]  # the cat row
+    assert "MATLAB" in table.splitlines()[0]
+    # voc07_py is accepted everywhere voc07 is, and named in the table (car: rec .5, 1 -> same AP)
+    result_py = evaluate_detections(records, detections, classes, "voc07_py")
+    assert result_py["metric"] == "voc07_py" and result_py["ap"] == result["ap"]
+    table_py = format_ap_table(result_py)
+    assert "numpy.arange" in table_py.splitlines()[0] and "(voc07_py, mean over 3 classes)" in table_py
 
 
 def test_detection_on_image_not_in_split_is_an_error():
@@ -265,6 +367,11 @@ def test_evaluator_accumulates_per_image_output():
     result = ev.evaluate()
     assert result["ap"] == pytest.approx({"car": 6 / 11, "dog": 1.0}, abs=1e-15)
     assert ev.detections["car"].image_ids == ["1", "1"]
+    ev_py = VOCEvaluator(records, classes, metric="voc07_py")
+    ev_py._per_image = ev._per_image
+    assert ev_py.evaluate()["ap"] == result["ap"]
+    with pytest.raises(SppdetError, match="voc07_py"):
+        VOCEvaluator(records, classes, metric="voc07_matlab")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,11 +416,15 @@ def reference_evaldet(gt_by_image, rows, npos_only_nondifficult=True):
         rec.append(ctp / npos if npos else math.nan)
         prec.append(ctp / (ctp + cfp) if ctp + cfp else 0.0)
     if npos == 0 or not rows:
-        return tp, fp, 0.0, 0.0
-    ap07 = 0.0
-    for t in np.arange(0, 1.1, 0.1):
+        return tp, fp, 0.0, 0.0, 0.0
+    ap07, ap07_py = 0.0, 0.0
+    # the devkit's `for t=0:0.1:1` as MATLAB builds it, written out; and numpy's arange
+    for t in [0, 0.1, 0.2, 0.1 * 3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]:
         ps = [p for r, p in zip(rec, prec) if r >= t]
         ap07 += (max(ps) if ps else 0.0) / 11
+    for t in np.arange(0, 1.1, 0.1):
+        ps = [p for r, p in zip(rec, prec) if r >= t]
+        ap07_py += (max(ps) if ps else 0.0) / 11
     mrec, mpre = [0.0] + rec + [1.0], [0.0] + prec + [0.0]
     for i in range(len(mpre) - 2, -1, -1):
         mpre[i] = max(mpre[i], mpre[i + 1])
@@ -321,7 +432,7 @@ def reference_evaldet(gt_by_image, rows, npos_only_nondifficult=True):
     for i in range(1, len(mrec)):
         if mrec[i] != mrec[i - 1]:
             ap10 += (mrec[i] - mrec[i - 1]) * mpre[i]
-    return tp, fp, ap07, ap10
+    return tp, fp, ap07, ap07_py, ap10
 
 
 def random_case(rng):
@@ -353,18 +464,22 @@ def random_case(rng):
 
 def test_matches_loop_reference_on_random_cases():
     rng = np.random.default_rng(2007)
-    exact_half = 0
+    exact_half = differ = 0
     for _ in range(400):
         gt_by_image, rows = random_case(rng)
         g = {i: (np.asarray(b, float).reshape(-1, 4), np.asarray(d, bool)) for i, (b, d) in gt_by_image.items()}
         d = ClassDetections([r[0] for r in rows], [r[1] for r in rows], [r[2:] for r in rows])
-        tp, fp, ap07, ap10 = reference_evaldet(gt_by_image, rows)
+        tp, fp, ap07, ap07_py, ap10 = reference_evaldet(gt_by_image, rows)
         r07 = evaluate_class(g, d, "voc07")
+        r07_py = evaluate_class(g, d, "voc07_py")
         r10 = evaluate_class(g, d, "voc10")
         assert r07.tp.tolist() == tp and r07.fp.tolist() == fp
         assert abs(r07.ap - ap07) <= 1e-12 and abs(r10.ap - ap10) <= 1e-12
+        assert abs(r07_py.ap - ap07_py) <= 1e-12
+        differ += ap07 != ap07_py
         exact_half += sum(1 for r in rows for b in g[r[0]][0] if _iou(r[2:], b) == 0.5)
     assert exact_half > 0  # the random cases do exercise the >= 0.5 boundary
+    assert differ > 0  # and recalls of exactly 0.6 or 0.7
 
 
 def _iou(a, b):
@@ -399,7 +514,7 @@ def test_results_files_round_trip(tmp_path):
         assert back[c].image_ids == detections[c].image_ids
         np.testing.assert_array_equal(back[c].scores, detections[c].scores)
         np.testing.assert_array_equal(back[c].boxes, detections[c].boxes)
-    for metric in ("voc07", "voc10"):
+    for metric in ("voc07", "voc07_py", "voc10"):
         assert evaluate_detections(records, back, classes, metric) == \
             evaluate_detections(records, detections, classes, metric)
 
