@@ -20,11 +20,14 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the finished stages of runs/<name> and continue an interrupted one")
+                        help="reuse the finished stages of runs/<name> and continue an interrupted one "
+                             "(with a changed config: the stages whose inputs did not change)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the outputs of another config in runs/<name>")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, list(args.set) + list(args.overrides))
     from sppdet.engine import run_training  # after the config is known good: torch, sklearn load here
-    run_training(cfg, resume=args.resume)
+    run_training(cfg, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 

@@ -44,6 +44,7 @@ class DataConfig:
     synthetic_trainval: int = 200         # synthetic dataset: images in trainval [ours]
     synthetic_test: int = 100             # synthetic dataset: images in test [ours]
     max_images: int = 0                   # use only the first N images of each split (0 = all; smoke runs) [ours]
+    damaged_images: str = "use"           # a truncated JPEG/PNG is named in one warning, then: use (what decodes) | skip [ours]
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ class Config:
 
 
 CHOICES = {
+    "data.damaged_images": ("use", "skip"),
     "proposals.mode": ("fast", "quality", "opencv_fast", "opencv_quality"),
     "model.backbone": ("zf5", "alexnet", "vgg16", "resnet50"),
     "model.projection": ("paper", "code"),

@@ -14,12 +14,15 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from . import __version__
 from .bbox_reg import train_box_regressor
@@ -32,8 +35,9 @@ from .inference import evaluate_run, load_datasets, proposals_for
 from .model import build_detector
 from .report import comparison, comparison_markdown
 from .svm import train_svms
-from .utils import CorruptFileError, file_digest, file_signature, get_logger, load_verified, pick_device, \
-    save_verified, seed_everything, stable_hash, write_json_atomic, write_text_atomic
+from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, file_digest, \
+    file_signature, get_logger, load_verified, pick_device, save_verified, seed_everything, stable_hash, \
+    write_json_atomic, write_text_atomic
 from .voc import VOCDataset
 
 # Bump when a change in the training code changes what a stage produces: finished stages of
@@ -66,8 +70,28 @@ class Stages:
     def save(self, name: str, key: str, value) -> None:
         save_verified({"key": key, "value": value}, self.folder / f"{name}.pt")
 
+    def save_snapshot(self, name: str, key: str, value) -> None:
+        """Save a snapshot, keeping the one before it (name.prev.pt) in case this one is damaged."""
+        path = self.folder / f"{name}.pt"
+        if path.is_file():
+            os.replace(path, self.folder / f"{name}.prev.pt")
+        self.save(name, key, value)
+
+    def load_snapshot(self, name: str, key: str):
+        """The newest intact snapshot with this key: the last one, else the one before it."""
+        for candidate in (name, f"{name}.prev"):
+            value = self.load(candidate, key)
+            if value is not None:
+                if candidate != name and (self.folder / f"{name}.pt").is_file():
+                    self.logger.warning(f"stage {name}: using the snapshot before the damaged last one")
+                return value
+        if (self.folder / f"{name}.pt").is_file():
+            self.logger.warning(f"stage {name}: no intact snapshot; starting the stage from the beginning")
+        return None
+
     def forget(self, name: str) -> None:
-        (self.folder / f"{name}.pt").unlink(missing_ok=True)
+        for path in (self.folder / f"{name}.pt", self.folder / f"{name}.prev.pt"):
+            path.unlink(missing_ok=True)
 
 
 def dataset_key(dataset: VOCDataset) -> str:
@@ -117,11 +141,11 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
         logger.info(f"[{kind}] fine-tune: done earlier, loaded")
     else:
         t0 = time.time()
-        snapshot = stages.load("finetune_snapshot", ft_key)
+        snapshot = stages.load_snapshot("finetune_snapshot", ft_key)
         if snapshot is not None:
             logger.info(f"[{kind}] fine-tune: resuming at iteration {snapshot['iteration']}")
         state = finetune(detector, source, windows, f, seed=cfg.run.seed, state=snapshot,
-                         checkpoint=lambda s: stages.save("finetune_snapshot", ft_key, s), logger=logger)
+                         checkpoint=lambda s: stages.save_snapshot("finetune_snapshot", ft_key, s), logger=logger)
         stages.save("finetune", ft_key, detector.state_dict())
         stages.forget("finetune_snapshot")
         _append_metrics(run_dir, [("finetune", h["iteration"], k, h[k]) for h in state["history"]
@@ -178,19 +202,71 @@ def _append_metrics(run_dir: Path, rows: list[tuple]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def run_training(cfg: Config, resume: bool = False) -> dict:
-    """The whole `train.py` job for one config; returns the SPP (or only) run's metrics."""
+# Where and how fast a run works, not what it computes: a change of these is the same run.
+PLACE_KEYS = {"run.output_dir", "run.threads", "proposals.workers", "proposals.cache_dir"}
+# What a finished run leaves besides its stages: replaced when another config takes the folder.
+RUN_OUTPUTS = ("model.pt", "metrics.json", "metrics.csv", "results", "rcnn", "comparison.md",
+               "comparison.json", "cache", "stages")
+
+
+def claim_run_folder(run_dir: Path, cfg: Config, resume: bool, overwrite: bool, logger: logging.Logger) -> None:
+    """A run folder belongs to one config. Another config's outputs there are an error naming
+    the choices, unless `overwrite` (they are removed) or `resume` (finished stages whose keys
+    still match are reused; the old final outputs are removed first, so none is left beside the
+    new config.yaml looking current)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (OSError, yaml.YAMLError):
+        old = None
+    new = cfg.to_dict()
+    changed = sorted(f"{section}.{key}" for section in new for key in new[section]
+                     if f"{section}.{key}" not in PLACE_KEYS
+                     and (not isinstance(old, dict) or (old.get(section) or {}).get(key) != new[section][key]))
+    if not changed:
+        return
+    what = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+    if not (resume or overwrite):
+        raise SppdetError(f"{run_dir} holds the outputs of another config (differs in {what}); rerun with "
+                          f"--resume to reuse what still fits, or choose another run.name, or pass "
+                          f"--overwrite to replace them")
+    keep = {"stages", "rcnn", "cache"} if resume and not overwrite else set()
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if name in keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if keep:
+        for name in ("model.pt", "metrics.json", "results", "comparison.md", "comparison.json"):
+            target = run_dir / "rcnn" / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    logger.info(f"run folder {run_dir}: the config changed ({what}); "
+                + ("finished stages whose inputs did not change are reused" if keep else "earlier outputs removed"))
+
+
+def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    """The whole `train.py` job for one config; returns the SPP (or only) run's metrics. The run
+    folder is locked while the run writes to it (`utils.FolderLock`)."""
     pick_device(cfg.run.device)  # an unusable device fails before anything is written
     run_dir = resolve(cfg.run.output_dir) / cfg.run.name
+    check_writable_dir(run_dir, "run folder (run.output_dir / run.name)")
+    check_writable_dir(resolve(cfg.proposals.cache_dir), "proposals.cache_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    logger = get_logger("sppdet", run_dir / "train.log")
-    try:
-        return _run(cfg, resume, run_dir, logger)
-    finally:  # a later run in this process (tests, notebooks) must not write into this run's log
-        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
-                        and Path(h.baseFilename) == (run_dir / "train.log").resolve()]:
-            logger.removeHandler(handler)
-            handler.close()
+    with FolderLock(run_dir, what="run.name"):
+        logger = get_logger("sppdet", run_dir / "train.log")
+        try:
+            claim_run_folder(run_dir, cfg, resume, overwrite, logger)
+            return _run(cfg, resume, run_dir, logger)
+        finally:  # a later run in this process (tests, notebooks) must not write into this run's log
+            for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                            and Path(h.baseFilename) == (run_dir / "train.log").resolve()]:
+                logger.removeHandler(handler)
+                handler.close()
 
 
 def _run(cfg: Config, resume: bool, run_dir: Path, logger: logging.Logger) -> dict:

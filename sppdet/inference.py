@@ -32,7 +32,7 @@ from .evaluation import (coco_evaluate, collect_detections, evaluate_class, eval
                          format_ap_table, write_results_files)
 from .proposals import compute_proposals, selective_search
 from .utils import SppdetError, Timer, get_logger, pick_device, write_json_atomic
-from .voc import VOC_CLASSES, VOCDataset, load_image
+from .voc import VOC_CLASSES, VOCDataset, find_damaged, load_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -63,6 +63,14 @@ def load_datasets(cfg: Config, splits: Sequence[str], logger: logging.Logger | N
             logger.info(f"data: {split}: ignoring objects of classes not in data.classes ({counts})")
         if d.max_images:
             ds.records = ds.records[: d.max_images]
+        damaged = find_damaged(r.path for r in ds)
+        if damaged:
+            names = ", ".join(f"{p} ({why})" for p, why in list(damaged.items())[:5])
+            action = "skipped (data.damaged_images=skip)" if d.damaged_images == "skip" else \
+                "used as they decode (data.damaged_images=use)"
+            logger.warning(f"data: {split}: {len(damaged)} damaged image(s) {action}: {names}")
+            if d.damaged_images == "skip":
+                ds.records = [r for r in ds.records if Path(r.path) not in damaged]
         out.append(ds)
     return out
 
@@ -202,12 +210,14 @@ def find_checkpoint(path: str | os.PathLike | None) -> Path:
     return path
 
 
-def gather_images(inputs: Sequence[str]) -> tuple[list[Path], list[str], list[str]]:
+def gather_images(inputs: Sequence[str]) -> tuple[list[Path], list[str], list[str], Path]:
     """Image files of `inputs` (files and folders, folders followed recursively, in sorted order)
-    -> (images, errors (missing inputs, one line each), skipped (what was passed over and why))."""
-    images, errors, skipped = [], [], []
+    -> (images, errors (missing inputs, one line each), skipped (what was passed over and why),
+    the common folder of the inputs (outputs mirror the tree below it))."""
+    images, errors, skipped, bases = [], [], [], []
     for item in inputs:
         p = Path(item)
+        bases.append((p if p.is_dir() else p.parent).resolve())
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.is_symlink() and not f.exists():
@@ -222,16 +232,15 @@ def gather_images(inputs: Sequence[str]) -> tuple[list[Path], list[str], list[st
             images.append(p)
         else:
             errors.append(f"{p}: no such file or folder")
-    return images, errors, skipped
+    common = Path(os.path.commonpath([str(b) for b in bases])) if bases else Path(".").resolve()
+    return images, errors, skipped, common
 
 
-def output_names(images: Sequence[Path]) -> list[str]:
-    """One output stem per image, never two alike: the path relative to the images' common
+def output_names(images: Sequence[Path], common: Path) -> list[str]:
+    """One output stem per image, never two alike: the path relative to the inputs' common
     folder without its suffix (a/x.jpg, b/x.jpg -> a/x, b/x); images whose stems would still
     collide (x.jpg, x.png) keep their suffix as _jpg / _png."""
-    resolved = [p.resolve() for p in images]
-    common = Path(os.path.commonpath([str(p.parent) for p in resolved])) if resolved else Path(".")
-    rel = [p.relative_to(common) for p in resolved]
+    rel = [p.resolve().relative_to(common) for p in images]
     stems = [str(r.with_suffix("")) for r in rel]
     counts = {s: stems.count(s) for s in stems}
     return [f"{s}_{r.suffix[1:].lower()}" if counts[s] > 1 else s for s, r in zip(stems, rel)]
@@ -246,9 +255,9 @@ def detect_images(inputs: Sequence[str], checkpoint: str | None = None, out: str
     from .vis import draw_detections, write_image
 
     ckpt = find_checkpoint(checkpoint)
-    images, errors, skipped = gather_images(inputs)
+    images, errors, skipped, common = gather_images(inputs)
     out_dir = Path(out)
-    names = output_names(images)
+    names = output_names(images, common)
     inputs_resolved = {p.resolve() for p in images}
     for name in names:
         for suffix in (".jpg", ".json"):

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from .utils import SppdetError, get_logger, write_json_atomic
+from .utils import SppdetError, current_umask, get_logger, write_json_atomic
 
 SYNTHETIC_CLASSES = ("disk", "ring", "triangle", "cross", "star")
 FORMAT_VERSION = 1          # bump whenever the rendering changes, so cached datasets regenerate
@@ -582,6 +582,7 @@ def ensure_dataset(root: str | os.PathLike, seed: int = DEFAULTS["seed"],
     get_logger().info(f"generating the synthetic VOC dataset ({num_trainval} trainval + "
                       f"{num_test} test images) in {root}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: the dataset gets the usual mode
     old = tmp.with_name(tmp.name + "-old")
     try:
         generate(tmp, progress=progress, **{k: params[k] for k in DEFAULTS}, classes=dict(params["classes"]))

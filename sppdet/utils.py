@@ -43,9 +43,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        umask = os.umask(0)  # mkstemp makes 0600 files: give outputs the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files: the usual permissions
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -73,6 +71,72 @@ def check_writable_file(path: str | os.PathLike, what: str) -> None:
     if p.is_dir():
         raise SppdetError(f"{what} {p}: is a folder; expected a file name")
     check_writable_dir(p.parent if str(p.parent) else Path("."), what)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+class FolderLock:
+    """An exclusive claim on a folder while a process writes to it: `<folder>/.lock` holds the
+    owner's pid and host, created atomically (O_EXCL). A second claimant gets one SppdetError
+    naming the holder; a lock whose process is gone (killed) is taken over with a warning."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+        self.path = Path(folder) / ".lock"
+        self.what = what
+        self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> "FolderLock":
+        import socket
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~current_umask())
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder.get("host") == me["host"] and _alive(holder.get("pid")):
+                    raise SppdetError(f"{self.path.parent}: in use by process {holder['pid']} (since "
+                                      f"{holder.get('since', '?')}); wait for it to finish or choose "
+                                      f"another {self.what}") from None
+                if holder and holder.get("host") != me["host"]:
+                    raise SppdetError(f"{self.path.parent}: locked by process {holder.get('pid')} on "
+                                      f"{holder.get('host')}; if that run is over, delete {self.path}")
+                get_logger().warning(f"{self.path.parent}: taking over the lock of process "
+                                     f"{(holder or {}).get('pid', '?')}, which is gone")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise SppdetError(f"{self.path}: could not take the lock")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, someone else's
+        return True
+    return True
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -261,12 +325,17 @@ def seed_everything(seed: int) -> None:
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run a script's `main`; a SppdetError becomes one line on stderr and exit status 1,
-    Ctrl-C exits 130 (finished stages are already saved; rerun with --resume)."""
+    """Run a script's `main`; a SppdetError, or a file system error (permissions, a full disk, a
+    file where a folder should be), becomes one line on stderr and exit status 1; Ctrl-C exits
+    130 (finished stages are already saved; rerun with --resume)."""
     try:
         code = main(argv)
     except SppdetError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -208,12 +208,47 @@ class VOCDataset:
                 f"positives; remove them from data.classes or add annotations")
 
 
+def image_damage(path: str | Path) -> str | None:
+    """Why a JPEG or PNG file looks cut short, or None: a JPEG must end with its end-of-image
+    marker (FF D9; a few trailing bytes allowed), a PNG with its IEND chunk. libjpeg decodes a
+    truncated JPEG anyway (grey below the cut) and says only "Premature end of JPEG file",
+    naming no file; this check is what names it. Reads the file's last 1 KiB."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, path.stat().st_size - 1024))
+        tail = f.read()
+    if head[:3] == b"\xff\xd8\xff" and b"\xff\xd9" not in tail[-64:]:
+        return "truncated JPEG (no end-of-image marker)"
+    if head == b"\x89PNG\r\n\x1a\n" and b"IEND" not in tail[-64:]:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+_REPORTED: set[str] = set()  # damaged files already named in a warning (each is named once)
+
+
+def find_damaged(paths) -> dict[Path, str]:
+    """{path: why} of the damaged files among `paths` (`image_damage`); the caller names them,
+    so `load_image` will not name them again."""
+    found = {Path(p): why for p in paths for why in [image_damage(p)] if why}
+    _REPORTED.update(str(p) for p in found)
+    return found
+
+
 def load_image(path: str | Path) -> np.ndarray:
-    """Read an image as BGR uint8 (H, W, 3); an unreadable file is a SppdetError naming it."""
+    """Read an image as BGR uint8 (H, W, 3); an unreadable file is a SppdetError naming it, and a
+    damaged one that still decodes (`image_damage`) gets one warning naming it (once per file)."""
     path = Path(path)
     if not path.is_file():
         raise SppdetError(f"{path}: image file not found")
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise SppdetError(f"{path}: not a readable image (JPEG/PNG expected)")
+    if str(path) not in _REPORTED:
+        damage = image_damage(path)
+        if damage:
+            _REPORTED.add(str(path))
+            from .utils import get_logger
+            get_logger().warning(f"{path}: {damage}; using what decodes")
     return image

@@ -63,3 +63,20 @@ def sppdet_log():
     logger.addHandler(handler)
     yield messages
     logger.removeHandler(handler)
+
+
+def tiny(out: Path, *extra: str, shared: Path | None = None):
+    """demo.yaml made tiny (12 trainval + 6 test images, a width-1/8 ZF-5, 20 fine-tuning
+    iterations), writing runs under `out`; `shared` holds the synthetic data and the proposal
+    cache, so the tests of a module generate them once."""
+    from sppdet.config import load_config
+
+    speed = ["model.width=0.125", "model.fc_dim=64", "model.scales=[200]", "model.rcnn_input_size=64",
+             "model.weights=none", "finetune.iterations=20",
+             "finetune.checkpoint_every=10", "finetune.batch_size=32", "proposals.max_boxes=60",
+             "proposals.workers=0", f"run.output_dir={out}",
+             # tiny nets gain nothing from threads, and on busy shared cores torch's pool thrashes
+             "run.threads=1"]
+    data = [] if shared is None else [f"data.root={shared / 'data'}", "data.synthetic_trainval=12",
+                                      "data.synthetic_test=6", f"proposals.cache_dir={shared / 'proposals'}"]
+    return load_config("demo", data + speed + list(extra))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, write_devkit
+from conftest import REPO, tiny, write_devkit
 from sppdet import engine
 from sppdet.checkpoint import load_checkpoint, read_checkpoint
 from sppdet.config import SVMConfig, config_from_dict, load_config, resolve
@@ -24,19 +24,6 @@ from sppdet.synthetic import ensure_dataset
 from sppdet.utils import SppdetError
 
 CLASSES = ["disk", "ring", "triangle", "cross", "star"]  # demo.yaml's
-
-
-def tiny(out: Path, *extra: str, shared: Path | None = None):
-    """demo.yaml made tiny; `shared` holds the synthetic data and the proposal cache."""
-    speed = ["model.width=0.125", "model.fc_dim=64", "model.scales=[200]", "model.rcnn_input_size=64",
-             "finetune.iterations=20",
-             "finetune.checkpoint_every=10", "finetune.batch_size=32", "proposals.max_boxes=60",
-             "proposals.workers=0", f"run.output_dir={out}",
-             # tiny nets gain nothing from threads, and on busy shared cores torch's pool thrashes
-             "run.threads=1"]
-    data = [] if shared is None else [f"data.root={shared / 'data'}", "data.synthetic_trainval=12",
-                                      "data.synthetic_test=6", f"proposals.cache_dir={shared / 'proposals'}"]
-    return load_config("demo", data + speed + list(extra))
 
 
 @pytest.fixture(scope="module", autouse=True)
