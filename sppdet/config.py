@@ -91,6 +91,9 @@ class FinetuneConfig:
     fg_iou: float = 0.5                   # positive if IoU >= this with a ground-truth box [P 2.1]
     bg_iou: tuple[float, float] = (0.1, 0.5)  # background if IoU in [lo, hi) [P 2.1]
     fc8_std: float = 0.01                 # Gaussian init of the new (K+1)-way fc8 [P 2.1]
+    fc8_bias: float = 0.0                 # initial fc8 bias [ours; C: 1]
+    bias_lr_mult: float = 1.0             # lr multiplier of every bias [ours; C: 2]
+    fc8_bias_decay: bool = True           # weight decay on the fc8 bias [ours; C: false]
     flip: bool = False                    # also train on horizontally flipped images [C]
     random_scale: bool = False            # random scale per window instead of the best one [C]
     train_conv: bool = False              # also fine-tune conv1..conv5 through the pyramid pooling [ours]
@@ -108,6 +111,13 @@ class SVMConfig:
     bias_mult: float = 10.0               # liblinear -B (intercept scaling) [C 2.2]
     neg_iou: float = 0.3                  # negatives: IoU < this with every ground truth of the class [P 2.2]
     neg_overlap_prune: Optional[float] = 0.7  # drop a negative overlapping a kept negative above this (None: off) [P 2.2]
+    dedup_conv5: bool = False             # drop negatives that map to the same conv5 window at the same scale
+                                          # as an earlier one of the image (SPP only) [C 2.2]
+    scale_sample: str = "first"           # feature-scale sample: first (200 proposals of each of the first 200
+                                          # images, plus the ground truth) | random (200 random boxes of 200
+                                          # random images, spp_feature_stats.m) [ours | C 2.2]
+    retrain_strict: bool = False          # retrain a class when its new negatives exceed (true) rather than
+                                          # reach retrain_every [ours | C]
     hard_thresh: float = -1.0001          # mining keeps negatives scoring above this [C 2.2]
     evict_thresh: float = -1.2            # evict cached negatives scoring below this [C 2.2]
     retrain_every: int = 2000             # retrain a class after this many new negatives [C 2.2]
@@ -120,6 +130,9 @@ class BBoxRegConfig:
     min_iou: float = 0.5                  # training windows overlap a ground truth by at least this [P 2.3]; R-CNN 0.6
     lam: float = 4000.0                   # ridge lambda [C 2.3]; R-CNN 1000
     max_per_image: int = 16               # training windows kept per image, bounds memory [ours]
+    include_gt: bool = False              # the ground-truth boxes themselves among the training windows [ours | C]
+    penalize_bias: bool = False           # ridge on [X, 1] with the bias penalised like the weights, targets
+                                          # mean-centred, as spp_train_bbox_regressor.m [ours | C 2.3]
 
 
 @dataclass(frozen=True)
@@ -170,6 +183,7 @@ CHOICES = {
     "model.scale_rule": ("paper", "code"),
     "finetune.feature_cache": ("memory", "disk", "none"),
     "test.scorer": ("svm", "softmax"),
+    "svm.scale_sample": ("first", "random"),
     "test.metric": ("voc07", "voc07_py", "voc10"),
     "run.detector": ("spp", "rcnn"),
 }
@@ -218,6 +232,7 @@ RULES = {
     "finetune.fc8_std": (lambda v: v > 0, "> 0"),
     "finetune.conv_lr_mult": (lambda v: v >= 0, ">= 0"),
     "finetune.checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
+    "finetune.bias_lr_mult": (lambda v: v >= 0, ">= 0"),
     "svm.C": (lambda v: v > 0, "> 0"),
     "svm.pos_weight": (lambda v: v > 0, "> 0"),
     "svm.bias_mult": (lambda v: v > 0, "> 0"),
