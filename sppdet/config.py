@@ -43,6 +43,9 @@ class DataConfig:
     synthetic_seed: int = 0               # seed of the synthetic dataset [ours]
     synthetic_trainval: int = 200         # synthetic dataset: images in trainval [ours]
     synthetic_test: int = 100             # synthetic dataset: images in test [ours]
+    synthetic_train_per_class: int = 400  # synthetic classification set (pretraining): train images per class [ours]
+    synthetic_val_per_class: int = 50     # synthetic classification set: val images per class [ours]
+    synthetic_image_size: int = 144       # synthetic classification set: image side in pixels [ours]
     max_images: int = 0                   # use only the first N images of each split (0 = all; smoke runs) [ours]
     damaged_images: str = "use"           # a truncated JPEG/PNG is named in one warning, then: use (what decodes) | skip [ours]
 
@@ -71,6 +74,8 @@ class ModelConfig:
     max_size: int = 2000                  # cap on the resized long side, bounds memory [ours]
     projection: str = "paper"             # window -> conv5 rule: paper (App. A floor/ceil) | code (offset0 21, 6.5) [P/C 1.4]
     scale_rule: str = "paper"             # per-window scale: paper (area closest to 224^2) | code (208, scale units) [P/C 1.5]
+    lrn: bool = True                      # ZF-5's within-channel LRN after conv1/conv2 (alpha 5e-5: close to the
+                                          # identity for unit-scale inputs, and 40% of a small ZF-5's training time) [P 1.1]
     pixel_std: Optional[float] = None     # divide mean-subtracted pixels by this (None: the backbone's own, 1 for ZF-5 as the paper); from scratch wants unit-scale input [ours]
     rcnn_input_size: int = 224            # R-CNN baseline: fixed warp size of a window [R 4]
     rcnn_context: int = 16                # R-CNN baseline: context pixels around the warped box [R 4]
@@ -150,6 +155,35 @@ class TestConfig:
 
 
 @dataclass(frozen=True)
+class PretrainConfig:
+    """The SPP classification network's training (scripts/pretrain.py) on an ImageFolder dataset
+    (`data.root`: train/<class>/*.jpg, val/<class>/*.jpg) [P 1.7]."""
+    epochs: int = 70                      # full passes over the training images [P 1.1: 70 for ZF-5]
+    batch_size: int = 128                 # images per step, all processes together [ours]
+    optimizer: str = "sgd"                # sgd (momentum) [P 1.1] | adamw [ours]
+    lr: float = 0.01                      # base learning rate [P 1.1]
+    momentum: float = 0.9                 # SGD momentum [P 1.1]
+    weight_decay: float = 5e-4            # weight decay [P 1.1]
+    lr_schedule: str = "step"             # step (x gamma at lr_steps) [P 1.1: /10 twice] | cosine [ours]
+    lr_steps: tuple[int, ...] = (40, 60)  # epochs at which the step schedule multiplies lr by gamma [P 1.1]
+    gamma: float = 0.1                    # step schedule factor [P 1.1]
+    warmup_epochs: int = 0                # linear lr warm-up from 0 over these epochs [ours]
+    resize: int = 256                     # short side images are resized to before cropping [P 1.1]
+    crop: int = 224                       # training crop, and the size of the test views [P 1.1]
+    multi_size: str = "none"              # none (single-size) | alternate (epochs at crop, then at
+                                          # small_size, ...) | random (a size per epoch in [small_size, crop]) [P 1.7]
+    small_size: int = 180                 # the other size of multi-size training: the crop resized to it [P 1.7]
+    flip: bool = True                     # random horizontal flips [P 1.1]
+    color_jitter: float = 0.2             # random brightness / contrast / saturation factors in [1 -+ this] [P 1.1]
+    pyramid: str = "spp"                  # spp (model.levels) | none: the trunk's fixed pool (the no-SPP baseline) [P 1.7]
+    batch_norm: bool = False              # batch norm after each conv while pretraining, folded into the
+                                          # conv weights in the weights file [ours]
+    label_smoothing: float = 0.0          # cross-entropy label smoothing [ours]
+    val_every: int = 1                    # validate (centre view) every N epochs; all views at the end [ours]
+    workers: int = 0                      # data-loading processes per training process (0: in-process) [ours]
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = ""                        # runs/<name>/ (default: the config file's name) [ours]
     output_dir: str = "runs"              # parent folder of every run [ours]
@@ -169,6 +203,7 @@ class Config:
     svm: SVMConfig = field(default_factory=SVMConfig)
     bbox_reg: BBoxRegConfig = field(default_factory=BBoxRegConfig)
     test: TestConfig = field(default_factory=TestConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -184,6 +219,10 @@ CHOICES = {
     "finetune.feature_cache": ("memory", "disk", "none"),
     "test.scorer": ("svm", "softmax"),
     "svm.scale_sample": ("first", "random"),
+    "pretrain.optimizer": ("sgd", "adamw"),
+    "pretrain.lr_schedule": ("step", "cosine"),
+    "pretrain.multi_size": ("none", "alternate", "random"),
+    "pretrain.pyramid": ("spp", "none"),
     "test.metric": ("voc07", "voc07_py", "voc10"),
     "run.detector": ("spp", "rcnn"),
 }
@@ -204,6 +243,9 @@ RULES = {
     "data.max_images": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
     "data.synthetic_trainval": (lambda v: v >= 1, "an integer >= 1"),
     "data.synthetic_test": (lambda v: v >= 1, "an integer >= 1"),
+    "data.synthetic_train_per_class": (lambda v: v >= 1, "an integer >= 1"),
+    "data.synthetic_val_per_class": (lambda v: v >= 1, "an integer >= 1"),
+    "data.synthetic_image_size": (lambda v: v >= 32, "an integer >= 32"),
     "proposals.max_boxes": (lambda v: v >= 1, "an integer >= 1"),
     "proposals.min_size": (lambda v: v >= 0, "an integer >= 0"),
     "proposals.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
@@ -246,6 +288,20 @@ RULES = {
     "test.nms": (_unit, "in [0, 1]"),
     "test.max_per_class": (lambda v: v >= 1, "an integer >= 1"),
     "test.max_per_image": (lambda v: v >= 1, "an integer >= 1"),
+    "pretrain.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "pretrain.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "pretrain.lr": (lambda v: 0 < v <= 10, "in (0, 10]"),
+    "pretrain.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pretrain.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "pretrain.gamma": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "pretrain.warmup_epochs": (lambda v: v >= 0, "an integer >= 0"),
+    "pretrain.resize": (lambda v: v >= 16, "an integer >= 16"),
+    "pretrain.crop": (lambda v: v >= 16, "an integer >= 16"),
+    "pretrain.small_size": (lambda v: v >= 16, "an integer >= 16"),
+    "pretrain.color_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pretrain.label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "pretrain.val_every": (lambda v: v >= 1, "an integer >= 1"),
+    "pretrain.workers": (lambda v: v >= 0, "an integer >= 0"),
     "run.seed": (lambda v: v >= 0, "an integer >= 0"),
     "run.device": (lambda v: DEVICE_PATTERN.fullmatch(v) is not None, "auto, cpu, cuda or cuda:N"),
     "run.threads": (lambda v: v >= 0, "an integer >= 0 (0 = torch's default)"),

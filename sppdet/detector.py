@@ -56,7 +56,7 @@ class Detector(nn.Module):
         self.features = features
         self.num_classes = num_classes
         self.chunk = chunk  # windows per pass through the fc layers, bounds memory
-        self.head = FCHead(features.output_dim, fc_dim, num_classes, dropout, fc8_std)
+        self.head = FCHead(features.output_dim, fc_dim, num_classes + 1, dropout, fc8_std)
         self.svm = LinearSVMScorer(num_classes, fc_dim)
         self.regressor = BoxRegressor(num_classes, features.output_dim)
 
@@ -83,8 +83,8 @@ class Detector(nn.Module):
         """fc7 (R, F) -> (R, K): SVM margins ("svm") or fc8 softmax probabilities ("softmax")."""
         if scorer == "svm":
             return self.svm(fc7)
-        if scorer == "softmax":
-            return self.head.class_probabilities(fc7)
+        if scorer == "softmax":  # without the background column
+            return torch.softmax(self.head.cls_score(fc7), dim=1)[:, 1:]
         raise ValueError(f"scorer must be 'svm' or 'softmax', got {scorer!r}")
 
     @torch.no_grad()

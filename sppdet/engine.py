@@ -32,7 +32,7 @@ from .detector import Detector
 from .features import TrainingFeatures
 from .finetune import finetune, label_windows
 from .inference import evaluate_run, load_datasets, proposals_for
-from .model import build_detector
+from .model import build_detector, pretrain_config, pretrained_weights_path
 from .report import comparison, comparison_markdown
 from .svm import train_svms
 from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, file_digest, \
@@ -104,6 +104,32 @@ def weights_key(cfg: Config) -> str:
     """The pretrained weights a detector starts from: a file's content, or the named source."""
     w = cfg.model.weights
     return file_digest(resolve(w)) if w not in ("none", "imagenet") else w
+
+
+def ensure_pretrained(cfg: Config, logger: logging.Logger) -> Config:
+    """The paper's first half, when `model.weights` is "pretrain:NAME": reuse the finished
+    pretraining run of config NAME whose key matches, else run (or resume) it here; returns the
+    config with model.weights set to its weights file. Other configs come back unchanged."""
+    pcfg = pretrain_config(cfg)
+    if pcfg is None:
+        return cfg
+    from .pretrain import pretrain_key, run_pretraining
+
+    path = pretrained_weights_path(pcfg)
+    meta = {}
+    if path.is_file():
+        try:
+            meta = load_verified(path, weights_only=True).get("meta", {})
+        except CorruptFileError as e:
+            logger.warning(f"pretrain: {e}; pretraining again")
+    if meta.get("key") == pretrain_key(pcfg):
+        logger.info(f"pretrain: {pcfg.run.name} finished earlier ({path}), reused")
+    else:
+        logger.info(f"pretrain: running {pcfg.run.name} ({cfg.model.weights}) into {path.parent}")
+        t0 = time.time()
+        run_pretraining(pcfg, resume=True)
+        logger.info(f"pretrain: {time.time() - t0:.0f} s")
+    return replace(cfg, model=replace(cfg.model, weights=str(path)))
 
 
 def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset, test_set: VOCDataset,
@@ -284,13 +310,14 @@ def _run(cfg: Config, resume: bool, run_dir: Path, logger: logging.Logger) -> di
     train_props, test_props = proposals_for(cfg, train_set), proposals_for(cfg, test_set)
     logger.info(f"proposals: {np.mean([len(v) for v in train_props.values()]):.0f} per image ({time.time() - t0:.0f} s)")
 
-    detector, metrics, times = train_detector(cfg, cfg.run.detector, run_dir, train_set, test_set,
+    net_cfg = ensure_pretrained(cfg, logger)  # the config the networks are built from
+    detector, metrics, times = train_detector(net_cfg, cfg.run.detector, run_dir, train_set, test_set,
                                               train_props, test_props, resume, logger)
     if cfg.run.compare_rcnn and cfg.run.detector == "spp":
         # The baseline: the same conv weights (SPP-net's fine-tuned ones when its conv layers
         # trained), frozen; its own fc fine-tuning, SVMs and box regression.
         init = detector.backbone.state_dict() if cfg.finetune.train_conv else None
-        rcnn = train_detector(cfg, "rcnn", run_dir / "rcnn", train_set, test_set, train_props, test_props,
+        rcnn = train_detector(net_cfg, "rcnn", run_dir / "rcnn", train_set, test_set, train_props, test_props,
                               resume, logger, init_backbone=init)
         comp = comparison((metrics, times), rcnn[1:])
         write_json_atomic(run_dir / "comparison.json", comp)

@@ -103,6 +103,16 @@ _THRESHOLDS = {"voc07": VOC07_THRESHOLDS, "voc07_py": VOC07_PY_THRESHOLDS}
 
 RESULTS_FILE = "comp4_det_{split}_{cls}.txt"
 
+# pycocotools' COCOeval.summarize() figures, in the order of its `stats`.
+COCO_SUMMARY = (
+    "AP @[IoU=0.50:0.95 | area=all | maxDets=100]", "AP @[IoU=0.50 | area=all | maxDets=100]",
+    "AP @[IoU=0.75 | area=all | maxDets=100]", "AP @[IoU=0.50:0.95 | area=small | maxDets=100]",
+    "AP @[IoU=0.50:0.95 | area=medium | maxDets=100]", "AP @[IoU=0.50:0.95 | area=large | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=all | maxDets=1]", "AR @[IoU=0.50:0.95 | area=all | maxDets=10]",
+    "AR @[IoU=0.50:0.95 | area=all | maxDets=100]", "AR @[IoU=0.50:0.95 | area=small | maxDets=100]",
+    "AR @[IoU=0.50:0.95 | area=medium | maxDets=100]", "AR @[IoU=0.50:0.95 | area=large | maxDets=100]",
+)
+
 
 # --------------------------------------------------------------------------------------------
 # Detections
@@ -556,7 +566,11 @@ def format_ap_table(result: Mapping, context: str | None = None) -> str:
     else:
         over = f"mean over {len(classes)} classes"
     lines.append(f"{'mAP':<{width}}  {100 * result['map']:6.1f}   ({metric}, {over})")
-    if "ap50" in result:
+    if "summary" in result:  # pycocotools' own summary, in its order and words
+        lines.append("pycocotools summary (-1: nothing to score):")
+        lines += [f"  {name:<42s} {100 * v:6.1f}" if v >= 0 else f"  {name:<42s}   -1" for name, v in
+                  result["summary"].items()]
+    elif "ap50" in result:
         lines.append(f"{'AP50':<{width}}  {100 * result['ap50']:6.1f}")
     if no_pos:
         zero = "excluded from the COCO mAP" if metric == "coco" else "scored as AP 0 and included in the mAP"
@@ -621,7 +635,9 @@ def coco_ap(coco_gt: dict, coco_results: list[dict]) -> dict:
     """COCO box AP with pycocotools (100 detections per image and class, all areas).
 
     Returns ``{"ap": {category name: AP@[.5:.95]}, "map": AP@[.5:.95], "ap50": AP50,
-    "ap75": AP75}``. A category without positives has AP 0 here, and pycocotools leaves it
+    "ap75": AP75, "summary": {name: value}}`` where summary holds pycocotools' twelve
+    summary figures (COCO_SUMMARY; -1 where nothing could be scored, as pycocotools prints
+    it). A category without positives has AP 0 here, and pycocotools leaves it
     out of "map". No detections at all gives 0 everywhere.
     """
     from pycocotools.coco import COCO
@@ -629,7 +645,8 @@ def coco_ap(coco_gt: dict, coco_results: list[dict]) -> dict:
 
     names = {c["id"]: c["name"] for c in coco_gt["categories"]}
     if not coco_results:
-        return {"ap": {n: 0.0 for n in names.values()}, "map": 0.0, "ap50": 0.0, "ap75": 0.0}
+        return {"ap": {n: 0.0 for n in names.values()}, "map": 0.0, "ap50": 0.0, "ap75": 0.0,
+                "summary": {k: 0.0 for k in COCO_SUMMARY}}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = copy.deepcopy(coco_gt)  # pycocotools writes flags into annotations
@@ -646,7 +663,8 @@ def coco_ap(coco_gt: dict, coco_results: list[dict]) -> dict:
         p = precision[:, :, k]
         ap[names[cat_id]] = float(p[p > -1].mean()) if (p > -1).any() else 0.0
     ap_all, ap50, ap75 = (max(float(v), 0.0) for v in ev.stats[:3])  # -1 = nothing to score
-    return {"ap": ap, "map": ap_all, "ap50": ap50, "ap75": ap75}
+    return {"ap": ap, "map": ap_all, "ap50": ap50, "ap75": ap75,
+            "summary": dict(zip(COCO_SUMMARY, (float(v) for v in ev.stats)))}
 
 
 def coco_evaluate(records: Sequence, detections: Mapping[str, ClassDetections],
@@ -656,5 +674,5 @@ def coco_evaluate(records: Sequence, detections: Mapping[str, ClassDetections],
     res = coco_ap(gt, to_coco_results(detections, classes, [r.image_id for r in records]))
     npos = {c: g.npos for c, g in zip(classes, _gt_per_class(records, len(classes)))}
     ndet = {c: len(as_class_detections(detections.get(c))) for c in classes}
-    return {"metric": "coco", "ap": res["ap"], "map": res["map"], "ap50": res["ap50"],
+    return {"metric": "coco", "ap": res["ap"], "map": res["map"], "ap50": res["ap50"], "summary": res["summary"],
             "npos": npos, "num_detections": ndet}

@@ -14,23 +14,23 @@ x2/y2 inclusive.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import boxes as box_ops
 
 
 class FCHead(nn.Module):
-    """fc6 -> fc7 (ReLU, dropout in training) on pooled windows (R, in_dim) -> (R, fc_dim), plus the
-    (K+1)-way fc8 `cls_score` (label 0 = background) that fine-tuning trains, initialised
-    N(0, fc8_std) with bias 0 [P 2.1]."""
+    """fc6 -> fc7 (ReLU, dropout in training) on pooled windows (R, in_dim) -> (R, fc_dim), plus
+    fc8 `cls_score` (fc_dim -> num_outputs), initialised N(0, fc8_std) with bias 0 [P 2.1]: the
+    detector's (K+1)-way fc8 (label 0 = background) that fine-tuning trains, or the N-way
+    classifier of pretraining (`classifier.SPPClassifier`), on the same fc6/fc7."""
 
-    def __init__(self, in_dim: int, fc_dim: int, num_classes: int, dropout: float = 0.5,
+    def __init__(self, in_dim: int, fc_dim: int, num_outputs: int, dropout: float = 0.5,
                  fc8_std: float = 0.01):
         super().__init__()
         self.fc6 = nn.Linear(in_dim, fc_dim)
         self.fc7 = nn.Linear(fc_dim, fc_dim)
-        self.cls_score = nn.Linear(fc_dim, num_classes + 1)
+        self.cls_score = nn.Linear(fc_dim, num_outputs)
         self.dropout = nn.Dropout(dropout)
         self.reset_cls_score(fc8_std)
 
@@ -47,9 +47,6 @@ class FCHead(nn.Module):
         x = self.dropout(torch.relu(self.fc6(pooled)))
         return self.dropout(torch.relu(self.fc7(x)))
 
-    def class_probabilities(self, fc7: torch.Tensor) -> torch.Tensor:
-        """fc7 (R, fc_dim) -> softmax over fc8 without the background column, (R, K)."""
-        return F.softmax(self.cls_score(fc7), dim=1)[:, 1:]
 
 
 class LinearSVMScorer(nn.Module):

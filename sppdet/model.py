@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 import torch
+from torch import nn
 
 from .backbones import Backbone, build_backbone as build_trunk, imagenet_state_dict, \
     load_state_dict_checked, load_weights_file
@@ -20,7 +21,7 @@ from .detector import Detector
 from .features import SPPFeatures, WindowFeatures
 from .rcnn import RCNNFeatures
 from .spp import spp_output_dim
-from .utils import get_logger
+from .utils import SppdetError, get_logger
 
 # torchvision classifiers: the Linear layers that are fc6 and fc7 (after their dropout).
 TORCHVISION_FC = {"alexnet": ("classifier.1", "classifier.4"), "vgg16": ("classifier.0", "classifier.3")}
@@ -51,10 +52,29 @@ def _fc_layers(state: dict, backbone: str) -> dict[str, torch.Tensor] | None:
     return out
 
 
+PRETRAIN_PREFIX = "pretrain:"  # model.weights "pretrain:NAME": the weights.pth of pretraining config NAME
+
+
+def pretrain_config(cfg: Config) -> Config | None:
+    """The pretraining config `model.weights: pretrain:NAME` names (configs/NAME), its run under
+    this run's output folder; None for other weights."""
+    if not cfg.model.weights.startswith(PRETRAIN_PREFIX):
+        return None
+    from .config import load_config
+    return load_config(cfg.model.weights[len(PRETRAIN_PREFIX):], [f"run.output_dir={cfg.run.output_dir}"])
+
+
+def pretrained_weights_path(pcfg: Config):
+    return resolve(pcfg.run.output_dir) / pcfg.run.name / "weights.pth"
+
+
 def build_backbone(m: ModelConfig, weights: str | None = None) -> tuple[Backbone, Pretrained]:
     """The trunk `m` describes with its weights (`weights` overrides m.weights: "none" when a
     checkpoint will provide them), and the fc6/fc7 the weights source holds."""
     weights = m.weights if weights is None else weights
+    if weights.startswith(PRETRAIN_PREFIX):
+        raise SppdetError(f"model.weights={weights!r}: run the pretraining first (engine.ensure_pretrained) "
+                          f"and pass the weights file")
     source = weights if weights in ("none", "imagenet") else str(resolve(weights))
     backbone = build_trunk(m.backbone, width=m.width, weights="none")
     pretrained = Pretrained(source=source)
@@ -69,6 +89,8 @@ def build_backbone(m: ModelConfig, weights: str | None = None) -> tuple[Backbone
             pretrained.levels = tuple(int(n) for n in meta["levels"])
     if m.pixel_std is not None:
         backbone.set_preprocessing(std=m.pixel_std)
+    if not m.lrn and hasattr(backbone, "norm1"):  # ZF-5 without its (near-identity) LRN
+        backbone.norm1, backbone.norm2 = nn.Identity(), nn.Identity()
     return backbone, pretrained
 
 

@@ -85,6 +85,104 @@ def _object_shape(family: str, rng: np.random.Generator) -> list[tuple[np.ndarra
         ang = -np.pi / 2 + np.arange(2 * n) * np.pi / n
         r = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)
         return [(np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1), 255)]
+    if family in EXTRA_FAMILIES:
+        return _extra_shape(family, rng)
+    raise ValueError(family)
+
+
+# Further shape families: the classification (pretraining) set holds PRETRAIN_EXTRA among its
+# classes, as ImageNet holds many classes besides VOC's; HELDOUT_FAMILIES appear in neither set
+# (they make held-out detection sets for testing how features transfer). Unit coordinates, radius ~1.
+PRETRAIN_EXTRA = ("pentagon", "hexagon", "semicircle", "lshape", "tee", "trapezoid", "star4",
+                  "gear", "tri_ring", "horseshoe", "drop", "chevron", "keyhole", "dumbbell")
+HELDOUT_FAMILIES = ("heart", "arrow", "bowtie", "flower")
+EXTRA_FAMILIES = PRETRAIN_EXTRA + HELDOUT_FAMILIES
+
+
+def _regular(n: int, rng: np.random.Generator, jitter: float = 0.08) -> np.ndarray:
+    ang = -np.pi / 2 + np.arange(n) * 2 * np.pi / n + rng.uniform(-jitter, jitter, n)
+    r = rng.uniform(0.9, 1.0, n)
+    return np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1)
+
+
+def _extra_shape(family: str, rng: np.random.Generator) -> list[tuple[np.ndarray, int]]:
+    P = lambda pts: np.array(pts, dtype=np.float64)  # noqa: E731
+    if family == "pentagon":
+        return [(_regular(5, rng), 255)]
+    if family == "hexagon":
+        return [(_regular(6, rng), 255)]
+    if family == "semicircle":
+        t = np.linspace(0, np.pi, 33)
+        pts = np.stack([np.cos(t), -np.sin(t)], axis=1) + (0, 0.4)
+        return [(pts, 255)]
+    if family == "lshape":
+        t = rng.uniform(0.3, 0.45)
+        return [(P([(-1, -1), (-1 + 2 * t, -1), (-1 + 2 * t, 1 - 2 * t), (1, 1 - 2 * t), (1, 1), (-1, 1)]) * 0.8, 255)]
+    if family == "tee":
+        t = rng.uniform(0.16, 0.26)
+        bar = rng.uniform(0.3, 0.45)
+        return [(P([(-1, -1), (1, -1), (1, -1 + bar), (t, -1 + bar), (t, 1), (-t, 1), (-t, -1 + bar),
+                    (-1, -1 + bar)]) * 0.85, 255)]
+    if family == "trapezoid":
+        top = rng.uniform(0.2, 0.55)
+        return [(P([(-top, -0.7), (top, -0.7), (1, 0.7), (-1, 0.7)]), 255)]
+    if family == "star4":
+        inner = rng.uniform(0.25, 0.4)
+        ang = -np.pi / 2 + np.arange(8) * np.pi / 4
+        r = np.where(np.arange(8) % 2 == 0, 1.0, inner)
+        return [(np.stack([r * np.cos(ang), r * np.sin(ang)], axis=1), 255)]
+    if family == "gear":
+        n = int(rng.integers(7, 11))
+        t = np.linspace(0, 2 * np.pi, n * 8, endpoint=False)
+        r = np.where((np.arange(n * 8) // 4) % 2 == 0, 1.0, rng.uniform(0.72, 0.82))
+        return [(np.stack([r * np.cos(t), r * np.sin(t)], axis=1), 255),
+                (_ellipse() * rng.uniform(0.2, 0.35), 0)]
+    if family == "tri_ring":
+        ang = np.deg2rad(-90 + np.array([0, 120, 240]))
+        tri = np.stack([np.cos(ang), np.sin(ang)], axis=1)
+        return [(tri, 255), (tri * rng.uniform(0.4, 0.6) + (0, 0.05), 0)]
+    if family == "horseshoe":
+        t0 = np.linspace(np.pi, 2 * np.pi, 24)
+        inner = rng.uniform(0.4, 0.6)
+        outer = np.concatenate([np.stack([np.cos(t0), np.sin(t0)], 1), P([(1, 0.9), (inner, 0.9)]),
+                                np.stack([inner * np.cos(t0[::-1]), inner * np.sin(t0[::-1])], 1),
+                                P([(-inner, 0.9), (-1, 0.9)])])
+        return [(outer, 255)]
+    if family == "drop":  # teardrop, tip up: x = sin t sin(t / 2)^m, y = -cos t
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        m = rng.uniform(0.9, 1.4)
+        return [(np.stack([1.1 * np.sin(t) * np.sin(t / 2) ** m, -np.cos(t)], 1), 255)]
+    if family == "chevron":
+        t = rng.uniform(0.3, 0.45)
+        return [(P([(-1, -0.6), (0, 0.4), (1, -0.6), (1, -0.6 + 2 * t), (0, 0.4 + 2 * t), (-1, -0.6 + 2 * t)]) * 0.95, 255)]
+    if family == "keyhole":
+        t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        circ = np.stack([0.55 * np.cos(t), 0.55 * np.sin(t) - 0.4], 1)
+        return [(circ, 255), (P([(-0.3, 0.0), (0.3, 0.0), (0.55, 1.0), (-0.55, 1.0)]), 255)]
+    if family == "dumbbell":
+        t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
+        r = rng.uniform(0.35, 0.45)
+        bw = rng.uniform(0.1, 0.18)
+        c = np.stack([r * np.cos(t), r * np.sin(t)], 1)
+        return [(c + (-1 + r, 0), 255), (c + (1 - r, 0), 255), (P([(-0.6, -bw), (0.6, -bw), (0.6, bw), (-0.6, bw)]), 255)]
+    if family == "heart":
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        return [(np.stack([x, y + 2.5], 1) / 17.0, 255)]
+    if family == "arrow":
+        t = rng.uniform(0.15, 0.25)
+        head = rng.uniform(0.4, 0.6)
+        hx = 1 - 2 * head * 0.9
+        return [(P([(-1, -t), (hx, -t), (hx, -head), (1, 0), (hx, head), (hx, t), (-1, t)]), 255)]
+    if family == "bowtie":
+        w = rng.uniform(0.1, 0.25)
+        return [(P([(-1, -0.8), (-w, -0.1), (w, -0.1), (1, -0.8), (1, 0.8), (w, 0.1), (-w, 0.1), (-1, 0.8)]), 255)]
+    if family == "flower":
+        n = int(rng.integers(5, 7))
+        t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
+        r = 0.65 + 0.35 * np.abs(np.cos(n * t / 2))
+        return [(np.stack([r * np.cos(t), r * np.sin(t)], 1), 255)]
     raise ValueError(family)
 
 
@@ -402,7 +500,7 @@ def render_image(rng: np.random.Generator, families: Sequence[str] = SYNTHETIC_C
 def _resolve_classes(classes: Sequence[str] | Mapping[str, str]) -> list[tuple[str, str]]:
     """[(class name, shape family)]: a mapping name -> family; a sequence of family names (a
     subset, in any order); or a sequence of other names, labelling the families in order."""
-    families = set(SYNTHETIC_CLASSES)
+    families = set(SYNTHETIC_CLASSES) | set(EXTRA_FAMILIES)
     if isinstance(classes, Mapping):
         pairs = [(str(n), str(f)) for n, f in classes.items()]
     else:
@@ -599,3 +697,137 @@ def ensure_dataset(root: str | os.PathLike, seed: int = DEFAULTS["seed"],
             if path.exists():
                 shutil.rmtree(path, ignore_errors=True)
     return root / "VOC2007"
+
+
+# --------------------------------------------------------------------------- classification set
+#
+# The embedded pretraining set (ImageFolder layout), what ImageNet is to VOC: one shape per image
+# on clutter, with MORE classes than the detection set: its 5 object families, the 7 distractor
+# families and further shape families, drawn by the same renderer. Image i of class c in split s
+# draws from PCG64([seed, 1000 + s, c, i]), so no image can be one of the detection set's (those
+# draw from PCG64([seed, i])) and a process pool changes nothing.
+#
+#     <root>/train/<class>/<class>_<i:05d>.jpg
+#     <root>/val/<class>/<class>_<i:05d>.jpg
+#     <root>/sppdet_classification.json     parameters; written last (marks completeness)
+
+CLASSIFICATION_MARKER = "sppdet_classification.json"
+CLASSIFICATION_FORMAT = 1   # bump whenever this rendering changes
+CLASSIFICATION_CLASSES = SYNTHETIC_CLASSES + _DISTRACTORS + PRETRAIN_EXTRA
+
+
+def _shape_alpha(family: str, rng: np.random.Generator, size: float, aspect: float, angle: float,
+                 center: tuple[float, float]):
+    """Alpha mask (and its top-left corner) of any family, object or distractor."""
+    if family in ("stroke", "arc", "glyph"):
+        return _stroke_mask(family, rng, size, center)
+    polys = _distractor_shape(family, rng) if family in _DISTRACTORS else _object_shape(family, rng)
+    return _polygon_mask([(_transform(p, size, aspect, angle, center), f) for p, f in polys])
+
+
+def render_example(rng: np.random.Generator, family: str, image_size: int, obj_range=(0.3, 0.85),
+                   clutter: int = 3, jitter: float = 0.15) -> np.ndarray:
+    """One (image_size, image_size, 3) BGR uint8 image of `family` on clutter: diameter
+    log-uniform in obj_range x image_size, aspect log-uniform in [1/1.7, 1.7], any rotation,
+    centre within +-jitter x image_size of the middle; up to `clutter` smaller distractors behind
+    it, an occluder on its edge 30% of the time; blur and noise as the detection images."""
+    n = image_size
+    scene = _Scene(_background(rng, n, n).astype(np.float32))
+    size = _log_uniform(rng, obj_range[0] * n, obj_range[1] * n)
+    for _ in range(int(rng.integers(0, clutter + 1))):
+        _place_distractor(scene, rng, size * rng.uniform(0.2, 0.6), (rng.uniform(0, n), rng.uniform(0, n)))
+    cx, cy = n / 2 + rng.uniform(-jitter, jitter, 2) * n
+    alpha, x0, y0 = _shape_alpha(family, rng, size, _log_uniform(rng, 1 / 1.7, 1.7),
+                                 rng.uniform(0, 2 * np.pi), (cx, cy))
+    scene.paint(rng, alpha, x0, y0, owner=0)
+    if rng.random() < 0.3:
+        t, r = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.6) * size
+        _place_distractor(scene, rng, size * rng.uniform(0.3, 0.6), (cx + r * math.cos(t), cy + r * math.sin(t)))
+    img = scene.canvas
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 0.9))
+    img = img + rng.normal(0, rng.uniform(2, 7), img.shape).astype(np.float32)
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
+def _render_classification_chunk(task: tuple) -> int:
+    root, split, split_id, c, family, start, stop, p = task
+    folder = Path(root) / split / family
+    for i in range(start, stop):
+        rng = np.random.Generator(np.random.PCG64([p["seed"], 1000 + split_id, c, i]))
+        image = render_example(rng, family, p["image_size"], tuple(p["object_range"]), p["clutter"])
+        ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        if not ok:
+            raise SppdetError(f"{folder}/{family}_{i:05d}.jpg: JPEG encoding failed")
+        (folder / f"{family}_{i:05d}.jpg").write_bytes(buf.tobytes())
+    return stop - start
+
+
+def classification_params(seed: int = 0, train_per_class: int = 400, val_per_class: int = 50,
+                          image_size: int = 144, classes=CLASSIFICATION_CLASSES,
+                          object_range=(0.3, 0.85), clutter: int = 3) -> dict:
+    for key, v in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise SppdetError(f"classification set {key}: expected an integer >= 1, got {v!r}")
+    unknown = [c for c in classes if c not in CLASSIFICATION_CLASSES + HELDOUT_FAMILIES]
+    if unknown:
+        raise SppdetError(f"classification set: unknown families {unknown}")
+    return {"format_version": CLASSIFICATION_FORMAT, "seed": int(seed), "classes": list(classes),
+            "train_per_class": int(train_per_class), "val_per_class": int(val_per_class),
+            "image_size": int(image_size), "object_range": [float(v) for v in object_range],
+            "clutter": int(clutter)}
+
+
+def ensure_classification_set(root: str | os.PathLike, workers: int = 2, progress: bool = True,
+                              **params) -> Path:
+    """Return `root` holding a complete classification set made with these parameters
+    (`classification_params`), generating it first (into a temporary sibling, renamed at the
+    end: an interrupted run never leaves one that looks complete). `root` is replaced only when
+    it is empty or holds a generated set; anything else is a SppdetError, never overwritten."""
+    root = Path(root)
+    want = classification_params(**params)
+    marker = root / CLASSIFICATION_MARKER
+    try:
+        if json.loads(marker.read_text()) == want:
+            return root
+    except (OSError, ValueError):
+        pass
+    if root.exists() and not marker.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise SppdetError(f"{root}: exists but is not an sppdet classification set (no {CLASSIFICATION_MARKER}); "
+                          f"refusing to overwrite it, choose a new or empty folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    n = len(want["classes"]) * (want["train_per_class"] + want["val_per_class"])
+    get_logger().info(f"generating the synthetic classification set ({len(want['classes'])} classes, "
+                      f"{n} images) in {root}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-{os.getpid()}-", dir=root.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    old = tmp.with_name(tmp.name + "-old")
+    try:
+        tasks = []
+        for split, split_id, count in (("train", 0, want["train_per_class"]), ("val", 1, want["val_per_class"])):
+            for c, family in enumerate(want["classes"]):
+                (tmp / split / family).mkdir(parents=True)
+                step = max(1, min(100, count // 2))
+                tasks += [(str(tmp), split, split_id, c, family, s, min(s + step, count), want)
+                          for s in range(0, count, step)]
+        bar = tqdm(total=n, desc="synthetic classification set", leave=False, disable=None if progress else True)
+        if workers > 1:
+            import multiprocessing
+            # spawn, not fork: torch's OpenMP pool may be running in this process
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for done in pool.imap_unordered(_render_classification_chunk, tasks):
+                    bar.update(done)
+        else:
+            for task in tasks:
+                bar.update(_render_classification_chunk(task))
+        bar.close()
+        write_json_atomic(tmp / CLASSIFICATION_MARKER, want)  # last: marks the set complete
+        if root.exists():
+            os.rename(root, old)
+        os.rename(tmp, root)
+    finally:
+        for path in (tmp, old):
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+    return root

@@ -593,6 +593,17 @@ def test_coco_conversion_and_perfect_detections():
     out = coco_ap(cgt, to_coco_results(detections, classes, ["000005", "000007"]))
     assert out["ap50"] == pytest.approx(1.0) and out["ap"]["car"] == pytest.approx(1.0)
     assert out["ap"]["dog"] == pytest.approx(0.7)
+    # pycocotools' full summary: AP (mean of car 1.0 and dog 0.7), AP50, AP75 (the dog box's IoU
+    # 0.82 matches at .75), no small objects (area < 32^2 counts as small: the car boxes are),
+    # AR at 1 detection per image
+    summary = out["summary"]
+    assert len(summary) == 12 and list(summary)[0].startswith("AP @[IoU=0.50:0.95 | area=all")
+    assert summary["AP @[IoU=0.50:0.95 | area=all | maxDets=100]"] == pytest.approx(0.85)
+    assert summary["AP @[IoU=0.75 | area=all | maxDets=100]"] == pytest.approx(1.0)
+    assert summary["AR @[IoU=0.50:0.95 | area=all | maxDets=100]"] == pytest.approx(0.85)
+    assert summary["AP @[IoU=0.50:0.95 | area=large | maxDets=100]"] == -1.0  # no large objects
+    table = format_ap_table({"metric": "coco", **out})
+    assert "pycocotools summary" in table and "AR @[IoU=0.50:0.95 | area=small | maxDets=100]" in table
     assert coco_ap(cgt, [])["map"] == 0.0
 
 

@@ -1,0 +1,118 @@
+"""The SPP classification network (the paper's first half, PAPER.md 1.7), which pretraining trains
+and whose conv1..conv5 and fc6/fc7 the detector starts from.
+
+    image (B, 3, H, W), any size ─► backbone conv1..conv5 ─► spatial pyramid max pooling
+        ─► fc6 ─► fc7 (the detector's own FCHead) ─► N-way fc8 ─► logits (B, N)
+
+`pyramid="none"` is the paper's no-SPP baseline: the trunk's original fixed max pooling after
+conv5 (ZF-5: 3x3 stride 2, 13x13 -> 6x6 at 224 input), so fc6 sees a fixed-size map and the net
+takes only its training input size. Batch norm after each conv (`add_batch_norm`) is an option
+for training from scratch; `detection_weights` folds it into the conv weights and biases, so the
+plain trunk of the detector computes the same function.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone, map_size
+from .heads import FCHead
+from .spp import spp_output_dim, spp_pool_maps
+
+# The trunks' own max pooling after conv5 (kernel, stride; Caffe's ceil rounding): what the
+# no-SPP baseline keeps. ZF-5 / AlexNet: 3x3/2 (13 -> 6 at 224); VGG16 / ResNet C4: 2x2/2 (14 -> 7).
+FIXED_POOL = {"zf5": (3, 2), "alexnet": (3, 2), "caffenet": (3, 2), "vgg16": (2, 2), "resnet50": (2, 2)}
+
+
+class ConvBN(nn.Module):
+    """A convolution followed by batch norm (training only: `fold_batch_norm` merges them)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.bn = nn.BatchNorm2d(conv.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def _replace(module: nn.Module, kind: type, make) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, make(child))
+        else:
+            _replace(child, kind, make)
+
+
+def add_batch_norm(backbone: nn.Module) -> nn.Module:
+    """Put a BatchNorm2d after every conv of the trunk (in place)."""
+    _replace(backbone, nn.Conv2d, ConvBN)
+    return backbone
+
+
+@torch.no_grad()
+def fold_batch_norm(backbone: nn.Module) -> nn.Module:
+    """Merge each ConvBN into one conv computing what it computes in eval mode (in place):
+    w' = w * g, b' = (b - mean) * g + beta with g = gamma / sqrt(var + eps)."""
+    def fold(m: ConvBN) -> nn.Conv2d:
+        conv, bn = m.conv, m.bn
+        g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        out = copy.deepcopy(conv)
+        out.weight.copy_(conv.weight * g[:, None, None, None])
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        if out.bias is None:
+            out.bias = nn.Parameter(torch.zeros_like(bn.running_mean))
+        out.bias.copy_((bias - bn.running_mean) * g + bn.bias)
+        return out
+    _replace(backbone, ConvBN, fold)
+    return backbone
+
+
+class SPPClassifier(nn.Module):
+    """backbone -> pyramid {levels} (or the fixed pool) -> FCHead fc6/fc7 -> N-way fc8.
+
+    `fixed_input`: the training input size of the no-SPP baseline (fc6's input is the fixed
+    pool's output at that size); ignored with the pyramid.
+    """
+
+    def __init__(self, backbone: Backbone, num_classes: int, levels: Sequence[int] = (6, 3, 2, 1),
+                 fc_dim: int = 4096, dropout: float = 0.5, pyramid: str = "spp", fixed_input: int = 224,
+                 fc8_std: float = 0.01):
+        super().__init__()
+        if pyramid not in ("spp", "none"):
+            raise ValueError(f"pyramid must be 'spp' or 'none', got {pyramid!r}")
+        self.backbone, self.pyramid, self.levels = backbone, pyramid, tuple(levels)
+        c = backbone.out_channels
+        if pyramid == "spp":
+            in_dim = spp_output_dim(c, self.levels)
+        else:
+            self.pool = FIXED_POOL[backbone.name]
+            side = map_size([(*self.pool, 0, True)], map_size(backbone.layers, fixed_input))
+            in_dim = c * side * side
+        self.head = FCHead(in_dim, fc_dim, num_classes, dropout, fc8_std)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        conv5 = self.backbone(x)
+        if self.pyramid == "spp":
+            return spp_pool_maps(conv5, self.levels)
+        return F.max_pool2d(conv5, *self.pool, ceil_mode=True).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) from `backbone.preprocess` -> logits (B, N)."""
+        return self.head.cls_score(self.head(self.pooled(x)))
+
+    @torch.no_grad()
+    def detection_weights(self) -> dict[str, torch.Tensor]:
+        """What `model.weights` loads: the trunk's state dict (batch norm folded in, under the
+        plain backbone's keys, preprocessing included) plus fc6/fc7 as fc6.weight ... fc7.bias."""
+        trunk = fold_batch_norm(copy.deepcopy(self.backbone)).eval()
+        state = {k: v.detach().clone().cpu() for k, v in trunk.state_dict().items()}
+        for name in ("fc6", "fc7"):
+            layer = getattr(self.head, name)
+            state[f"{name}.weight"] = layer.weight.detach().clone().cpu()
+            state[f"{name}.bias"] = layer.bias.detach().clone().cpu()
+        return state
