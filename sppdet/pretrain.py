@@ -42,7 +42,8 @@ from .classifier import SPPClassifier, add_batch_norm
 from .config import Config, dump_config, resolve
 from .model import build_backbone
 from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, content_digest, \
-    get_logger, load_verified, pick_device, save_verified, stable_hash, write_json_atomic, write_text_atomic
+    get_logger, load_verified, pick_device, save_verified, set_torch_rng_state, stable_hash, torch_rng_state, \
+    write_json_atomic, write_text_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VIEWS = ("center", "ten", "full")
@@ -125,7 +126,7 @@ def collate(batch):
     return np.stack(images), torch.tensor(labels, dtype=torch.int64)
 
 
-def test_views(image: np.ndarray, resize: int, crop: int) -> dict[str, list[np.ndarray]]:
+def view_crops(image: np.ndarray, resize: int, crop: int) -> dict[str, list[np.ndarray]]:
     """The three test views of one image: centre crop; 10 views (centre + corners, and flips);
     the full image with its short side `resize`."""
     full = resize_short(image, resize)
@@ -295,6 +296,7 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
         if snap is not None and snap["key"] == key:
             model.load_state_dict(snap["model"])
             optimizer.load_state_dict(snap["optimizer"])
+            set_torch_rng_state(snap["torch_rng"][ddp.rank] if ddp.rank < len(snap["torch_rng"]) else snap["torch_rng"][0])
             start, history = snap["epoch"], snap["history"]
             logger.info(f"pretrain: resuming after epoch {start}")
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
@@ -343,13 +345,17 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
             err = evaluate_views(model, val_items, cfg, device, views=("center",))
             entry["val_top1_error_center"] = err["top1_error"]["center"]
         history.append(entry)
+        rng_states = [torch_rng_state()]  # dropout: each process's own generator
+        if ddp.world > 1:
+            rng_states = [None] * ddp.world
+            dist.all_gather_object(rng_states, torch_rng_state())
         if ddp.main:
             logger.info("pretrain epoch {epoch}/{epochs} ({size} px): loss {loss:.4f}, train acc {train_acc:.3f}"
                         .format(epochs=p.epochs, **entry)
                         + (f", val top-1 error (centre) {entry['val_top1_error_center']:.3f}"
                            if "val_top1_error_center" in entry else "") + f", {entry['seconds']:.0f} s")
             save_verified({"key": key, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
-                           "optimizer": optimizer.state_dict()}, snapshot_path)
+                           "optimizer": optimizer.state_dict(), "torch_rng": rng_states}, snapshot_path)
         ddp.barrier()
     if ddp.world > 1:  # every process must end with the same weights
         digests = [None] * ddp.world
@@ -403,7 +409,7 @@ def evaluate_views(model: SPPClassifier, items, cfg: Config, device: torch.devic
             probs[view][i] = p_i if probs[view][i] is None else probs[view][i] + p_i
 
     for i, (path, _) in enumerate(tqdm(items, desc="validate", leave=False, dynamic_ncols=True)):
-        all_views = test_views(read_image(path), p.resize, p.crop)
+        all_views = view_crops(read_image(path), p.resize, p.crop)
         for v in views:
             for crop in all_views[v]:
                 key = (v, crop.shape)

@@ -316,6 +316,24 @@ def pick_device(name: str = "auto", key: str = "run.device"):
     return torch.device(name)
 
 
+def torch_rng_state() -> dict:
+    """torch's global generators (dropout draws from them): CPU, and each CUDA device in use."""
+    import torch
+
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_torch_rng_state(states: dict) -> None:
+    import torch
+
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 def seed_everything(seed: int) -> None:
     import torch
 
