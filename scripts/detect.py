@@ -1,7 +1,7 @@
 """Detect objects in images with a trained checkpoint.
 
-    python scripts/detect.py image.jpg [more.jpg | folder ...] [--checkpoint PATH] [--score-thresh T]
-        [--out DIR] [--device auto|cpu|cuda]
+    python scripts/detect.py image.jpg [more.jpg | folder ...] [--checkpoint PATH [--checkpoint PATH2]]
+        [--score-thresh T] [--out DIR] [--device auto|cpu|cuda]
 
 Prints each detection (class, score, box as 0-based x1 y1 x2 y2) and the time spent on proposals
 and on the network; writes <out>/<name>.jpg with the boxes drawn, <out>/<name>.json, and
@@ -26,8 +26,9 @@ from sppdet.utils import run_cli
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", help="image files and/or folders")
-    parser.add_argument("--checkpoint", help="model.pt, a run folder or a folder of runs "
-                                             "(default: the newest runs/*/model.pt)")
+    parser.add_argument("--checkpoint", action="append", default=[],
+                        help="model.pt, a run folder or a folder of runs (default: the newest runs/*/model.pt); "
+                             "give it twice or more to combine detectors (NMS on the union of their detections)")
     parser.add_argument("--score-thresh", type=float, default=None,
                         help="report and draw detections scoring at least this (default: the checkpoint's "
                              "test.draw_thresh)")

@@ -29,8 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # where the detections come from: one source per run
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint",
-                        help="trained model.pt: detect the split with it, then score")
+    source.add_argument("--checkpoint", action="append",
+                        help="trained model.pt: detect the split with it, then score; give it twice or more "
+                             "to combine detectors (the paper's model combination: one set of proposals, NMS "
+                             "on the union of their detections)")
     source.add_argument("--results-dir",
                         help="folder with comp4_det_<split>_<class>.txt results files")
     p.add_argument("--voc-root", default=None,

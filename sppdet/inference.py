@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import boxes as box_ops
 from .checkpoint import load_checkpoint
 from .config import Config, resolve
 from .detector import DECISION_BOUNDARY, Detections, Detector
@@ -94,19 +95,34 @@ def detect_options(cfg: Config, score_thresh: float | None = None) -> dict:
                 regress=cfg.bbox_reg.enabled)
 
 
-def detect_split(detector: Detector, dataset: VOCDataset, proposals: dict[str, np.ndarray], cfg: Config,
-                 desc: str = "detect") -> tuple[dict[str, Detections], dict[str, float]]:
+def combine_detections(parts: Sequence[Detections], nms: float, max_per_image: int) -> Detections:
+    """Model combination [P 4.4]: the union of several detectors' detections of one image,
+    per-class NMS on it, the best `max_per_image` kept."""
+    if len(parts) == 1:
+        return parts[0]
+    boxes = np.concatenate([d.boxes for d in parts])
+    scores = np.concatenate([d.scores for d in parts])
+    labels = np.concatenate([d.labels for d in parts])
+    keep = box_ops.nms_per_class(boxes, scores, labels, nms)[:max_per_image]
+    return Detections(boxes[keep], scores[keep], labels[keep], parts[0].class_names)
+
+
+def detect_split(detector: Detector | Sequence[Detector], dataset: VOCDataset, proposals: dict[str, np.ndarray],
+                 cfg: Config, desc: str = "detect") -> tuple[dict[str, Detections], dict[str, float]]:
     """Detect every image of a split -> ({image id: Detections}, seconds per image by part:
     conv (R-CNN: crop + warp included, as resizing is SPP's), pool, fc, nms and total =
-    the network and NMS, proposals excluded)."""
+    the network and NMS, proposals excluded). Several detectors: their combination on the
+    same proposals (`combine_detections`)."""
+    detectors = [detector] if isinstance(detector, Detector) else list(detector)
     timers: dict[str, Timer] = {}
-    total = Timer(detector.device)
+    total = Timer(detectors[0].device)
     results = {}
     options = detect_options(cfg)
     for rec in tqdm(dataset, desc=desc, leave=False, dynamic_ncols=True):
         image = load_image(rec.path)
         with total:
-            results[rec.image_id] = detector.detect(image, proposals[rec.image_id], timers=timers, **options)
+            parts = [d.detect(image, proposals[rec.image_id], timers=timers, **options) for d in detectors]
+            results[rec.image_id] = combine_detections(parts, cfg.test.nms, cfg.test.max_per_image)
     n = max(len(dataset), 1)
     times = {f"{k}_s": t.total / n for k, t in timers.items()}
     times["total_s"] = total.total / n
@@ -114,7 +130,7 @@ def detect_split(detector: Detector, dataset: VOCDataset, proposals: dict[str, n
     return results, times
 
 
-def detect_to_results(detector: Detector, dataset: VOCDataset, proposals, cfg: Config, results_dir: Path,
+def detect_to_results(detector: Detector | Sequence[Detector], dataset: VOCDataset, proposals, cfg: Config, results_dir: Path,
                       desc: str = "detect") -> tuple[dict, dict[str, float]]:
     """Detect the split and write its comp4 results files into `results_dir`
     -> (detections by class as `collect_detections` gives them, seconds per image by part)."""
@@ -146,21 +162,30 @@ def evaluate_run(detector: Detector, dataset: VOCDataset, proposals, cfg: Config
 # ----------------------------------------------------------------------------- the Python API
 
 class Predictor:
-    """Detect objects in images with a trained checkpoint.
+    """Detect objects in images with a trained checkpoint (or several: model combination).
 
     predictor(image) takes a path or a BGR uint8 array (H, W, 3) and returns `Detections`:
     boxes (N, 4) float32 [x1, y1, x2, y2] in the image's pixels (0-based, inclusive), scores (N,),
     labels (N,) in 1..K and class_names, sorted by score, at most test.max_per_image. Proposals
-    are computed with the checkpoint's own selective search settings unless given.
+    are computed with the (first) checkpoint's own selective search settings unless given; with
+    several checkpoints every detector scores the same proposals and NMS runs on the union of
+    their detections, as the paper combines two networks [P 4.4].
     """
 
-    def __init__(self, detector: Detector, cfg: Config, classes: Sequence[str]):
-        self.detector, self.cfg, self.classes = detector, cfg, tuple(classes)
+    def __init__(self, detectors: Detector | Sequence[Detector], cfg: Config, classes: Sequence[str]):
+        self.detectors = [detectors] if isinstance(detectors, Detector) else list(detectors)
+        self.cfg, self.classes = cfg, tuple(classes)
+
+    @property
+    def detector(self) -> Detector:
+        return self.detectors[0]
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto") -> "Predictor":
-        detector, cfg, classes = load_checkpoint(path, pick_device(device, key="device"))
-        return cls(detector, cfg, classes)
+    def from_checkpoint(cls, path: str | os.PathLike | Sequence[str | os.PathLike], device: str = "auto") -> "Predictor":
+        """One checkpoint, or a list of checkpoints of the same classes to combine."""
+        detectors, cfg, classes = load_checkpoints([path] if isinstance(path, (str, os.PathLike)) else path,
+                                                   pick_device(device, key="device"))
+        return cls(detectors, cfg, classes)
 
     @property
     def score_thresh(self) -> float:
@@ -184,8 +209,25 @@ class Predictor:
         # Dropping windows below the threshold before NMS keeps exactly the detections NMS would
         # keep above it: a window is only ever suppressed by better-scoring ones.
         thresh = self.score_thresh if score_thresh is None else score_thresh
-        det = self.detector.detect(image, proposals, **detect_options(self.cfg, thresh))
+        parts = [d.detect(image, proposals, **detect_options(self.cfg, thresh)) for d in self.detectors]
+        det = combine_detections(parts, self.cfg.test.nms, self.cfg.test.max_per_image)
         return replace(det, class_names=self.classes)
+
+
+def load_checkpoints(paths: Sequence[str | os.PathLike], device) -> tuple[list[Detector], Config, list[str]]:
+    """Several checkpoints to combine -> (detectors, the first one's config, classes); they must
+    name the same classes in the same order."""
+    if not paths:
+        raise SppdetError("no checkpoint given")
+    detectors, cfg, classes = [], None, None
+    for path in paths:
+        detector, c, k = load_checkpoint(path, device)
+        if classes is not None and k != classes:
+            raise SppdetError(f"{path}: its classes {k} differ from {paths[0]}'s {classes}; only detectors of "
+                              f"the same classes combine")
+        detectors.append(detector)
+        cfg, classes = cfg or c, classes or k
+    return detectors, cfg, classes
 
 
 # ----------------------------------------------------------------------------- scripts/detect.py
@@ -246,15 +288,17 @@ def output_names(images: Sequence[Path], common: Path) -> list[str]:
     return [f"{s}_{r.suffix[1:].lower()}" if counts[s] > 1 else s for s, r in zip(stems, rel)]
 
 
-def detect_images(inputs: Sequence[str], checkpoint: str | None = None, out: str = "detections",
+def detect_images(inputs: Sequence[str], checkpoints: Sequence[str] = (), out: str = "detections",
                   score_thresh: float | None = None, device: str = "auto") -> int:
-    """scripts/detect.py: detect in every image of `inputs`; print the detections; write
-    <out>/<name>.jpg (boxes drawn), <out>/<name>.json and one <out>/results.json for the run
-    (COCO results style plus image sizes). Returns the exit status: 1 if an input was missing
-    or unreadable (the other images are still processed), else 0."""
+    """scripts/detect.py: detect in every image of `inputs` with a checkpoint (none given: the
+    newest; several: their combination); print the detections; write <out>/<name>.jpg (boxes
+    drawn), <out>/<name>.json and one <out>/results.json for the run (COCO results style plus
+    image sizes). Returns the exit status: 1 if an input was missing or unreadable (the other
+    images are still processed), else 0."""
     from .vis import draw_detections, write_image
 
-    ckpt = find_checkpoint(checkpoint)
+    ckpts = [find_checkpoint(c) for c in checkpoints] or [find_checkpoint(None)]
+    ckpt = ", ".join(str(c) for c in ckpts)
     images, errors, skipped, common = gather_images(inputs)
     out_dir = Path(out)
     names = output_names(images, common)
@@ -266,10 +310,10 @@ def detect_images(inputs: Sequence[str], checkpoint: str | None = None, out: str
                                   f"choose another output folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise SppdetError(f"--out {out_dir}: exists and is not a folder")
-    predictor = Predictor.from_checkpoint(ckpt, device)
+    predictor = Predictor.from_checkpoint(ckpts, device)
     thresh = predictor.score_thresh if score_thresh is None else score_thresh
-    print(f"checkpoint {ckpt} ({predictor.detector.kind}, {len(predictor.classes)} classes, "
-          f"{predictor.cfg.test.scorer} scores >= {thresh:g})")
+    print(f"checkpoint{'s' if len(ckpts) > 1 else ''} {ckpt} ({'+'.join(d.kind for d in predictor.detectors)}, "
+          f"{len(predictor.classes)} classes, {predictor.cfg.test.scorer} scores >= {thresh:g})")
     for line in errors:
         print(f"error: {line}", file=sys.stderr)
     failures = len(errors)
@@ -320,15 +364,18 @@ def detect_images(inputs: Sequence[str], checkpoint: str | None = None, out: str
 
 # ----------------------------------------------------------------------------- scripts/evaluate.py
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", out_dir: Path | None = None,
-                        voc_root: str | None = None, year: str | None = None, device: str = "auto",
-                        overrides: Sequence[str] = ()) -> tuple[VOCDataset, dict, list[str], Config]:
-    """Detect a split with a checkpoint and write its results files -> (dataset, detections by
-    class, notes, the config used). The dataset, proposals and test settings are the checkpoint's
-    config's, with `overrides` (key=value) on top; voc_root / year replace data.root / data.year."""
+def evaluate_checkpoint(checkpoints: str | os.PathLike | Sequence[str | os.PathLike], split: str = "test",
+                        out_dir: Path | None = None, voc_root: str | None = None, year: str | None = None,
+                        device: str = "auto", overrides: Sequence[str] = ()
+                        ) -> tuple[VOCDataset, dict, list[str], Config]:
+    """Detect a split with a checkpoint (several: their combination, on one set of proposals)
+    and write its results files -> (dataset, detections by class, notes, the config used). The
+    dataset, proposals and test settings are the (first) checkpoint's config's, with `overrides`
+    (key=value) on top; voc_root / year replace data.root / data.year."""
     from .config import config_from_dict, parse_override, _merge
 
-    detector, cfg, classes = load_checkpoint(checkpoint, pick_device(device, key="--device"))
+    checkpoints = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    detectors, cfg, classes = load_checkpoints(checkpoints, pick_device(device, key="--device"))
     values = cfg.to_dict()
     for item in overrides:
         values = _merge(values, parse_override(item))
@@ -342,16 +389,17 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, split: str = "test", out_
                           f"{list(classes)}: a detector scores only the classes it was trained on")
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoint).parent / f"eval_{split}"
+    out_dir = Path(out_dir) if out_dir is not None else Path(checkpoints[0]).parent / f"eval_{split}"
     [dataset] = load_datasets(cfg, [split])
     dataset.check_not_empty()
     if dataset.ignored_classes:
         raise SppdetError(f"{dataset.folder} ({split}) has objects of classes the checkpoint does not know "
                           f"({', '.join(sorted(dataset.ignored_classes))}); its classes are {', '.join(classes)}")
     proposals = proposals_for(cfg, dataset)
-    detections, times = detect_to_results(detector, dataset, proposals, cfg, out_dir, desc=f"detect {split}")
+    detections, times = detect_to_results(detectors, dataset, proposals, cfg, out_dir, desc=f"detect {split}")
     parts = ", ".join(f"{k[:-2]} {v:.3f}" for k, v in times.items() if k != "total_s")
-    notes = [f"{detector.kind} detector from {checkpoint} on {detector.device}: "
+    what = " + ".join(f"{d.kind} detector from {c}" for d, c in zip(detectors, checkpoints))
+    notes = [f"{what}{' (combined: NMS on the union)' if len(detectors) > 1 else ''} on {detectors[0].device}: "
              f"{np.mean([len(p) for p in proposals.values()]):.0f} proposals per image; network "
              f"{times['total_s']:.3f} s per image ({parts})",
              f"results files: {out_dir}/comp4_det_{split}_<class>.txt"]
@@ -390,7 +438,7 @@ def results_dir_detections(results_dir: str | os.PathLike, voc_root: str | os.Pa
     return dataset, detections, notes
 
 
-def evaluate_command(checkpoint: str | None = None, results_dir: str | None = None, voc_root: str | None = None,
+def evaluate_command(checkpoint: Sequence[str] | None = None, results_dir: str | None = None, voc_root: str | None = None,
                      year: str | None = None, split: str = "test", metric: str | None = None,
                      classes: Sequence[str] | None = None, out: str | None = None, device: str = "auto",
                      json_path: str | None = None, overrides: Sequence[str] = ()) -> int:
@@ -399,12 +447,12 @@ def evaluate_command(checkpoint: str | None = None, results_dir: str | None = No
     Every output path is checked before any detection runs."""
     from .utils import check_writable_dir, check_writable_file
 
-    out_dir = Path(out) if out is not None else (Path(checkpoint).parent / f"eval_{split}" if checkpoint else None)
+    out_dir = Path(out) if out is not None else (Path(checkpoint[0]).parent / f"eval_{split}" if checkpoint else None)
     if out_dir is not None:
         check_writable_dir(out_dir, "--out")
     if json_path is not None:
         check_writable_file(Path(json_path), "--json")
-    if checkpoint is not None:
+    if checkpoint:
         if classes is not None:
             raise SppdetError("--classes applies to --results-dir only: a checkpoint names its own classes")
         dataset, detections, notes, cfg = evaluate_checkpoint(checkpoint, split, out_dir, voc_root, year, device,

@@ -163,3 +163,30 @@ def test_cli_and_python_api_give_identical_detections(tmp_path, checkpoint):
         image = cv2.imread(str(tmp_path / f"p{seed}.png"))
         again = predictor(image, proposals=predictor.proposals(image))
         np.testing.assert_array_equal(again.boxes, result.boxes)
+
+
+def as_rows(det) -> list:
+    return sorted((float(s), int(k), *map(float, b)) for b, s, k in zip(det.boxes, det.scores, det.labels))
+
+
+def test_model_combination_is_nms_on_the_union(tmp_path, checkpoint):
+    from sppdet.detector import Detections
+    from sppdet.inference import combine_detections
+
+    a = Detections(np.array([[0, 0, 19, 19], [50, 50, 69, 69]], np.float32), np.array([0.9, 0.4], np.float32),
+                   np.array([1, 1]))
+    b = Detections(np.array([[1, 1, 20, 20], [50, 50, 69, 69], [0, 0, 19, 19]], np.float32),
+                   np.array([0.95, 0.8, 0.3], np.float32), np.array([1, 1, 2]))
+    both = combine_detections([a, b], nms=0.3, max_per_image=100)
+    # class 1: b's 0.95 box suppresses a's 0.9 (IoU 0.82); b's 0.8 suppresses a's 0.4 (IoU 1);
+    # class 2 keeps its only box
+    assert both.scores.tolist() == pytest.approx([0.95, 0.8, 0.3]) and both.labels.tolist() == [1, 1, 2]
+    assert len(combine_detections([a, b], nms=0.3, max_per_image=2)) == 2
+    # two copies of one checkpoint combine to that checkpoint's detections
+    cv2.imwrite(str(tmp_path / "p.png"), scene(140, 180, 21))
+    one = Predictor.from_checkpoint(checkpoint, device="cpu")(str(tmp_path / "p.png"))
+    two = Predictor.from_checkpoint([checkpoint, checkpoint], device="cpu")(str(tmp_path / "p.png"))
+    assert len(one) == len(two) > 0  # the same detections (equal scores may come in another order)
+    assert as_rows(one) == as_rows(two)
+    proc = detect(tmp_path, "p.png", "--checkpoint", str(checkpoint), "--checkpoint", str(checkpoint), "--out", "o")
+    assert proc.returncode == 0 and "checkpoints" in proc.stdout and "spp+spp" in proc.stdout
