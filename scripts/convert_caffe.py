@@ -1,15 +1,15 @@
 """Convert a Caffe model (.caffemodel, V0/V1/V2 format; Caffe not needed) to sppdet weights.
 
     python scripts/convert_caffe.py MODEL.caffemodel [--prototxt DEPLOY.prototxt]
-        [--arch auto|zf5|alexnet|vgg16|raw] [--spp-order 1,2,3,6] [--mean B,G,R] --out weights.pth
+        [--arch auto|zf5|caffenet|alexnet|vgg16|raw] [--spp-order 1,2,3,6] [--mean B,G,R] --out weights.pth
 
 Writes torch.save({"state_dict": ..., "meta": ...}): the trunk's conv layers under sppdet's
-names (zf5: conv1..conv5; alexnet/vgg16: torchvision's features.<i>), plus fc6/fc7 when the
-model has them, in the file `model.weights` reads. Prints each mapped layer with its shape and
-the layers skipped. --arch auto recognises ZF-5 (SPP_net) and VGG16 (Fast R-CNN) by their layer
-names and shapes; other nets (or --arch raw) are written as <layer>.weight / .bias. R-CNN's
-CaffeNet has AlexNet's names, but its grouped 96-256-384-384-256 convs do not fit torchvision's
-AlexNet trunk (64-192-384-256-256): auto says so and writes its Caffe names.
+names (zf5, caffenet: conv1..conv5; alexnet/vgg16: torchvision's features.<i>), plus fc6/fc7
+when the model has them, in the file `model.weights` reads. Prints each mapped layer with its
+shape and the layers skipped. --arch auto recognises ZF-5 (SPP_net), R-CNN's CaffeNet (grouped
+96-256-384-384-256 convs: sppdet's caffenet trunk) and VGG16 (Fast R-CNN) by their layer names
+and shapes; other nets (or --arch raw) are written as <layer>.weight / .bias. --arch alexnet
+means torchvision's AlexNet layout.
 The prototxt, when given, tells the order in which a ZF-5's fc6 sees its pyramid levels
 (default: 1, 2, 3, 6 as in the released Zeiler_conv5.prototxt); --spp-order overrides it.
 """
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("caffemodel", help="the .caffemodel (binary NetParameter)")
     parser.add_argument("--prototxt", help="deploy/test prototxt of the same net (optional)")
-    parser.add_argument("--arch", default="auto", choices=["auto", "zf5", "alexnet", "vgg16", "raw"],
+    parser.add_argument("--arch", default="auto", choices=["auto", "zf5", "caffenet", "alexnet", "vgg16", "raw"],
                         help="target trunk (default: auto, by layer names and shapes)")
     parser.add_argument("--spp-order",
                         help="ZF-5: the pyramid levels in the order Caffe's fc6 sees them, e.g. 1,2,3,6")

@@ -700,17 +700,21 @@ def _vgg16_names() -> dict[str, str]:
 # Caffe layer name -> sppdet trunk module name.
 TRUNK_NAMES = {
     "zf5": {f"conv{i}": f"conv{i}" for i in range(1, 6)},
+    "caffenet": {f"conv{i}": f"conv{i}" for i in range(1, 6)},
     "alexnet": {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6",
                 "conv4": "features.8", "conv5": "features.10"},
     "vgg16": _vgg16_names(),
 }
 # Pixel preprocessing each release expects, BGR means in 0..255 units, no std scaling:
 #   zf5: SPP_net subtracts a constant 128 (PAPER.md 1.6, utils/caffe_anysize_test.m);
-#   alexnet: R-CNN subtracts Caffe's ILSVRC-2012 mean image; these are its per-channel
-#     averages (B, G, R), the constant BVLC publishes for models trained with it;
+#   caffenet: R-CNN subtracts Caffe's ILSVRC-2012 mean image; these are its per-channel
+#     averages (B, G, R), the constant BVLC publishes for models trained with it
+#     (sppdet.backbones.CAFFE_ILSVRC12_MEAN_BGR, the caffenet trunk's default);
+#   alexnet: the same mean, for a Caffe AlexNet that happens to fit torchvision's layout;
 #   vgg16: Fast R-CNN's cfg.PIXEL_MEANS (lib/fast_rcnn/config.py).
 INPUT_MEANS = {
     "zf5": [128.0, 128.0, 128.0],
+    "caffenet": [104.00698793, 116.66876762, 122.67891434],
     "alexnet": [104.00698793, 116.66876762, 122.67891434],
     "vgg16": [102.9801, 115.9465, 122.7717],
 }
@@ -763,15 +767,32 @@ def _trunk_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
+def _fits(model: CaffeModel, arch: str) -> bool:
+    """Whether every trunk layer `arch` needs is in `model` with the shapes sppdet's trunk has."""
+    want = _trunk_shapes(arch)
+    for caffe_name, key in TRUNK_NAMES[arch].items():
+        layer = model.layer(caffe_name)
+        if layer is None or len(layer.blobs) < 2:
+            return False
+        if any(tuple(_param_array(layer, i).shape) != want[f"{key}.{part}"]
+               for i, part in enumerate(("weight", "bias"))):
+            return False
+    return True
+
+
 def detect_arch(model: CaffeModel) -> str:
-    """"zf5", "alexnet" or "vgg16" from the layer names and conv1's kernel, else "unknown".
-    Names only: whether the shapes fit sppdet's trunk is checked by `convert`."""
+    """"zf5", "caffenet", "alexnet" or "vgg16" from the layer names and conv1's kernel, else
+    "unknown". An 11x11 conv1 is R-CNN's CaffeNet when the shapes fit sppdet's caffenet trunk
+    (96-256-384-384-256, grouped conv2/4/5), else AlexNet; for the others whether the shapes
+    fit is checked by `convert`."""
     with_blobs = {l.name: l for l in model.layers if l.blobs}
     if all(n in with_blobs for n in TRUNK_NAMES["vgg16"]):
         return "vgg16"
     if all(f"conv{i}" in with_blobs for i in range(1, 6)):
         k = with_blobs["conv1"].blobs[0].shape[-1]
-        return {7: "zf5", 11: "alexnet"}.get(k, "unknown")
+        if k == 11:
+            return "caffenet" if _fits(model, "caffenet") else "alexnet"
+        return {7: "zf5"}.get(k, "unknown")
     return "unknown"
 
 
@@ -822,15 +843,19 @@ def convert(model: CaffeModel, arch: str = "auto", net: NetDef | None = None,
             log: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], dict]:
     """CaffeModel -> (state_dict, meta) in the format `model.weights` reads.
 
-    arch: "zf5" | "alexnet" | "vgg16" map conv layers onto sppdet's trunk keys (zf5: conv1..conv5;
-    alexnet: features.0/3/6/8/10; vgg16: features.0 .. features.28) plus fc6/fc7 as torch Linear
-    (out, in) when present; every shape is checked against sppdet's trunk and a misfit is one
-    SppdetError naming the layer. "auto" picks by names and falls back to "raw" (with a note)
-    when the shapes do not fit; "raw" writes `<layer>.weight` / `.bias` for every layer with blobs.
+    arch: "zf5" | "caffenet" | "alexnet" | "vgg16" map conv layers onto sppdet's trunk keys (zf5,
+    caffenet: conv1..conv5; alexnet (torchvision's layout): features.0/3/6/8/10; vgg16:
+    features.0 .. features.28) plus fc6/fc7 as torch Linear (out, in) when present; every shape
+    is checked against sppdet's trunk and a misfit is one SppdetError naming the layer (and the
+    --arch that would fit, e.g. caffenet for R-CNN's CaffeNet given as alexnet). "auto" picks by
+    names and shapes and falls back to "raw" (with a note) when the shapes do not fit; "raw"
+    writes `<layer>.weight` / `.bias` for every layer with blobs.
 
     A ZF-5 fc6 is reordered from the Caffe concat order (from `net`, or `spp_order`, or the
     released Zeiler_conv5 order 1, 2, 3, 6) to sppdet's (6, 3, 2, 1); meta["levels"] records the
-    pyramid fc6 expects (alexnet/vgg16: the one level n with C * n^2 = fc6's input).
+    pyramid fc6 expects (caffenet/alexnet/vgg16: the one level n with C * n^2 = fc6's input, e.g.
+    CaffeNet's 9216 = 256 x 6 x 6: Caffe flattens pool5 in (C, H, W) order, sppdet's order for a
+    one-level pyramid, so no column reordering).
     Channel order stays Caffe's BGR; meta["input"] gives the mean to subtract (0..255 units).
     """
     if arch not in ("auto", "raw", *TRUNK_NAMES):
@@ -845,6 +870,11 @@ def convert(model: CaffeModel, arch: str = "auto", net: NetDef | None = None,
             sd, levels, spp_meta = _convert_known(model, chosen, net, spp_order, log)
         except SppdetError as e:
             if arch != "auto":
+                other = detect_arch(model)
+                if other != arch and other in TRUNK_NAMES and _fits(model, other):
+                    hint = ("R-CNN's CaffeNet (grouped 96-256-384-384-256 convs)" if other == "caffenet"
+                            else other)
+                    raise SppdetError(f"{e}; this model's layers fit {hint}: use --arch {other}") from None
                 raise
             log(f"note: the layer names look like {chosen}, but {e}; writing Caffe's own names (raw)")
             mean = mean or INPUT_MEANS[chosen]  # the release's preprocessing is still known

@@ -64,7 +64,7 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "zf5"                 # zf5 (paper) | alexnet | vgg16 | resnet50 [P 1.1]
+    backbone: str = "zf5"                 # zf5 (paper) | alexnet | caffenet (R-CNN's) | vgg16 | resnet50 [P 1.1]
     width: float = 1.0                    # channel multiplier for small, fast variants (1.0 = the real net) [ours]
     weights: str = "imagenet"             # imagenet (torchvision) | none (random) | path to a local state dict [P 1.1]
     levels: tuple[int, ...] = (6, 3, 2, 1)  # pyramid levels, 50 bins -> 12800-d for ZF-5 [P 1.2]
@@ -74,7 +74,7 @@ class ModelConfig:
     max_size: int = 2000                  # cap on the resized long side, bounds memory [ours]
     projection: str = "paper"             # window -> conv5 rule: paper (App. A floor/ceil) | code (offset0 21, 6.5) [P/C 1.4]
     scale_rule: str = "paper"             # per-window scale: paper (area closest to 224^2) | code (208, scale units) [P/C 1.5]
-    lrn: bool = True                      # ZF-5's within-channel LRN after conv1/conv2 (alpha 5e-5: close to the
+    lrn: bool = True                      # ZF-5's within-channel LRN after conv1/conv2 (zf5 only) (alpha 5e-5: close to the
                                           # identity for unit-scale inputs, and 40% of a small ZF-5's training time) [P 1.1]
     pixel_std: Optional[float] = None     # divide mean-subtracted pixels by this (None: the backbone's own, 1 for ZF-5 as the paper); from scratch wants unit-scale input [ours]
     rcnn_input_size: int = 224            # R-CNN baseline: fixed warp size of a window [R 4]
@@ -152,6 +152,12 @@ class TestConfig:
     max_per_class: int = 100              # detections kept per image and class [C 2.4]
     max_per_image: int = 100              # detections kept per image, all classes together [ours]
     metric: str = "voc07"                 # voc07 (11-point, MATLAB thresholds) | voc07_py | voc10 (area) [P 2.4]
+    svd_fc6: float = 0.25                 # truncated SVD of fc6 at test time: a rank (>= 1), a fraction of
+                                          # min(in, out) (0.25: 1024 for ZF-5), or 0 (off) [F 3.1]
+    svd_fc7: float = 0.0625               # the same for fc7 (0.0625: 256 of 4096, Fast R-CNN's) [F 3.1]
+    precision: str = "auto"               # fc layers in: auto (bf16 where the device computes it natively,
+                                          # else fp32) | bf16 | fp32 [ours]
+    exact: bool = False                   # true: the exact head (fp32, no SVD), whatever the keys above say [ours]
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,7 @@ class Config:
 CHOICES = {
     "data.damaged_images": ("use", "skip"),
     "proposals.mode": ("fast", "quality", "opencv_fast", "opencv_quality"),
-    "model.backbone": ("zf5", "alexnet", "vgg16", "resnet50"),
+    "model.backbone": ("zf5", "alexnet", "caffenet", "vgg16", "resnet50"),
     "model.projection": ("paper", "code"),
     "model.scale_rule": ("paper", "code"),
     "finetune.feature_cache": ("memory", "disk", "none"),
@@ -224,6 +230,7 @@ CHOICES = {
     "pretrain.multi_size": ("none", "alternate", "random"),
     "pretrain.pyramid": ("spp", "none"),
     "test.metric": ("voc07", "voc07_py", "voc10"),
+    "test.precision": ("auto", "bf16", "fp32"),
     "run.detector": ("spp", "rcnn"),
 }
 
@@ -288,6 +295,8 @@ RULES = {
     "test.nms": (_unit, "in [0, 1]"),
     "test.max_per_class": (lambda v: v >= 1, "an integer >= 1"),
     "test.max_per_image": (lambda v: v >= 1, "an integer >= 1"),
+    "test.svd_fc6": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "test.svd_fc7": (lambda v: v >= 0, ">= 0 (0: off)"),
     "pretrain.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "pretrain.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "pretrain.lr": (lambda v: 0 < v <= 10, "in (0, 10]"),

@@ -89,7 +89,7 @@ def build_backbone(m: ModelConfig, weights: str | None = None) -> tuple[Backbone
             pretrained.levels = tuple(int(n) for n in meta["levels"])
     if m.pixel_std is not None:
         backbone.set_preprocessing(std=m.pixel_std)
-    if not m.lrn and hasattr(backbone, "norm1"):  # ZF-5 without its (near-identity) LRN
+    if not m.lrn and m.backbone == "zf5":  # ZF-5 without its (near-identity at unit scale) LRN
         backbone.norm1, backbone.norm2 = nn.Identity(), nn.Identity()
     return backbone, pretrained
 

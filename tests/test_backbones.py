@@ -1,5 +1,6 @@
-"""Backbones: ZF-5 map sizes and LRN, geometry against a slow reference, preprocessing, torchvision
-trunks, weight loading and its errors. Nothing is downloaded."""
+"""Backbones: ZF-5 map sizes and LRN, R-CNN's CaffeNet (grouped convs, cross-channel LRN, pool5 =
+the pyramid {6}), geometry against a slow reference, preprocessing, torchvision trunks, weight
+loading and its errors. Nothing is downloaded."""
 import urllib.error
 
 import numpy as np
@@ -8,13 +9,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from sppdet.backbones import (BACKBONES, WithinChannelLRN, build_backbone, conv_geometry, map_size,
-                              trunk_layers)
+from sppdet.backbones import (BACKBONES, CAFFE_ILSVRC12_MEAN_BGR, CrossChannelLRN, WithinChannelLRN,
+                              build_backbone, conv_geometry, map_size, trunk_layers)
+from sppdet.spp import spp_pool_maps
 from sppdet.utils import SppdetError
 
 # Hand-derived (stride, center0, receptive field); ZF-5's are PAPER.md 1.1's (unit i at 16 i + 20).
-GEOMETRY = {"zf5": (16, 20.0, 139), "alexnet": (16, 15.0, 163), "vgg16": (16, 7.5, 196),
-            "resnet50": (16, 0.0, 267)}
+GEOMETRY = {"zf5": (16, 20.0, 139), "caffenet": (16, 17.0, 163), "alexnet": (16, 15.0, 163),
+            "vgg16": (16, 7.5, 196), "resnet50": (16, 0.0, 267)}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,99 @@ def test_within_channel_lrn_matches_loop(alpha):
 def test_within_channel_lrn_gradient():
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(WithinChannelLRN(alpha=0.3), (x,))
+
+
+# ----------------------------------------------------------------------------- CaffeNet
+
+def test_caffenet_architecture_and_map_sizes(nets):
+    """BVLC's reference CaffeNet / R-CNN's model-defs: conv1 11/4 -> pool1 3/2 -> norm1 ->
+    conv2 5 pad 2 group 2 -> pool2 3/2 -> norm2 -> conv3, conv4 (group 2), conv5 (group 2)."""
+    net = nets["caffenet"]
+    convs = [getattr(net, f"conv{i}") for i in range(1, 6)]
+    assert [c.out_channels for c in convs] == [96, 256, 384, 384, 256] and net.out_channels == 256
+    assert [c.groups for c in convs] == [1, 2, 1, 2, 2]
+    assert [tuple(c.weight.shape) for c in convs] == [(96, 3, 11, 11), (256, 48, 5, 5), (384, 256, 3, 3),
+                                                      (384, 192, 3, 3), (256, 192, 3, 3)]  # Caffe's blobs
+    assert [(m.size, m.alpha, m.beta, m.k) for m in (net.norm1, net.norm2)] == [(5, 1e-4, 0.75, 1.0)] * 2
+    assert trunk_layers(net) == [(11, 4, 0, False), (3, 2, 0, True), (5, 1, 2, False), (3, 2, 0, True),
+                                 (3, 1, 1, False), (3, 1, 1, False), (3, 1, 1, False)]
+    assert net.rcnn_input_size == 227
+    # R-CNN's 227 warp: conv1 55, pool1 27, conv2 27, pool2 13, conv3..5 13 (Caffe's shapes).
+    for hw, hw5 in [((227, 227), (13, 13)), ((243, 227), (14, 13)), ((224, 224), (13, 13)), ((100, 150), (5, 8))]:
+        with torch.no_grad():
+            y = net(torch.randn(1, 3, *hw))
+        assert tuple(y.shape) == (1, 256, *hw5) == (1, 256, *net.map_size(*hw)), hw
+
+
+def test_caffenet_pool5_is_the_pyramid_6():
+    """Caffe's pool5 (max 3x3/2, ceil) on the 13x13 conv5 of a 227 input has the bins of sppdet's
+    adaptive one-level pyramid {6}: both start at 0, 2, 4, 6, 8, 10 and are 3 cells wide."""
+    conv5 = torch.randn(2, 256, 13, 13)
+    pool5 = F.max_pool2d(conv5, 3, 2, ceil_mode=True)
+    assert pool5.shape == (2, 256, 6, 6)
+    assert torch.equal(spp_pool_maps(conv5, (6,)), pool5.flatten(1))  # (C, H, W) order: Caffe's fc6 input
+
+
+def test_caffenet_grouped_convs_match_a_hand_split(nets):
+    """group 2 = two convs side by side: the first half of the filters sees the first half of the
+    input channels, the second half the second (Caffe's grouping, consecutive halves)."""
+    net = nets["caffenet"]
+    torch.manual_seed(1)
+    for conv, hw in ((net.conv2, 27), (net.conv4, 13), (net.conv5, 13)):
+        x = torch.randn(2, conv.in_channels, hw, hw, dtype=torch.float64)
+        w, b = conv.weight.double(), conv.bias.double()
+        ci, co = conv.in_channels // 2, conv.out_channels // 2
+        ref = torch.cat([F.conv2d(x[:, :ci], w[:co], b[:co], padding=conv.padding),
+                         F.conv2d(x[:, ci:], w[co:], b[co:], padding=conv.padding)], dim=1)
+        with torch.no_grad():
+            got = conv.double()(x)
+        conv.float()
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def _caffe_across_channel_lrn(x, size, alpha, beta, k):
+    """Caffe's CrossChannelForward written out: scale_c = k + alpha / size * sum of x_j^2 over
+    j in [c - (size - 1) / 2, c + (size - 1) / 2] inside the channels; y = x * scale^-beta."""
+    out = torch.empty_like(x)
+    r, C = (size - 1) // 2, x.shape[1]
+    for c in range(C):
+        s = sum(x[:, j] ** 2 for j in range(max(0, c - r), min(C, c + r + 1)))
+        out[:, c] = x[:, c] * (k + alpha / size * s) ** -beta
+    return out
+
+
+@pytest.mark.parametrize("size, alpha, beta, k", [(5, 1e-4, 0.75, 1.0), (3, 0.3, 0.75, 2.0), (5, 0.02, 0.5, 1.0)])
+def test_cross_channel_lrn_matches_caffe_formula_and_torch(size, alpha, beta, k):
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4, 5, dtype=torch.float64) * 60  # pixel-sized values: the LRN acts
+    ref = _caffe_across_channel_lrn(x, size, alpha, beta, k)
+    assert (ref - x).abs().max() > 1  # not the identity at these magnitudes
+    ours = CrossChannelLRN(size, alpha, beta, k)
+    torch.testing.assert_close(ours(x), ref, rtol=1e-12, atol=1e-12)
+    # torch's own nn.LocalResponseNorm divides alpha by size too: the same function.
+    torch.testing.assert_close(torch.nn.LocalResponseNorm(size, alpha, beta, k)(x), ref, rtol=1e-12, atol=1e-12)
+    xl = x.float().contiguous(memory_format=torch.channels_last)  # the trunk's format
+    torch.testing.assert_close(ours(xl).double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_cross_channel_lrn_gradient():
+    x = torch.randn(1, 6, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(CrossChannelLRN(5, alpha=0.3, beta=0.75, k=2.0), (x,))
+
+
+def test_caffenet_preprocess_is_bgr_minus_ilsvrc_mean(nets):
+    img = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    out = nets["caffenet"].preprocess(img)
+    expected = img.transpose(2, 0, 1) - np.array(CAFFE_ILSVRC12_MEAN_BGR)[:, None, None]  # channel 0 blue
+    np.testing.assert_allclose(out.numpy(), expected, rtol=0, atol=1e-5)
+    assert nets["caffenet"].preprocessing()["std"] == [1.0] * 3
+
+
+def test_caffenet_has_no_torchvision_weights():
+    with pytest.raises(SppdetError, match="torchvision has no caffenet weights; convert the released R-CNN"):
+        build_backbone("caffenet", weights="imagenet")
+    with pytest.raises(SppdetError, match="only supported for zf5"):
+        build_backbone("caffenet", width=0.5)
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -144,8 +239,9 @@ def test_resnet_batchnorm_is_frozen(nets):
     torch.testing.assert_close(y_train, y_eval, rtol=0, atol=0)
 
 
-def test_channels_last_matches_contiguous(nets):
-    net, x = nets["zf5"], torch.randn(2, 3, 100, 120)
+@pytest.mark.parametrize("name", ["zf5", "caffenet"])
+def test_channels_last_matches_contiguous(nets, name):
+    net, x = nets[name], torch.randn(2, 3, 100, 120) * 50
     with torch.no_grad():
         y0 = net.use_channels_last(False)(x)
         y1 = net.use_channels_last(True)(x)

@@ -1,5 +1,5 @@
-"""Caffe importer: the binary reader against a writer of our own (V0, V1, V2 layouts), ZF-5
-conversion into sppdet's trunk, the real LeNet / CIFAR-10 models, and bad input."""
+"""Caffe importer: the binary reader against a writer of our own (V0, V1, V2 layouts), ZF-5 and
+R-CNN CaffeNet conversion into sppdet's trunks, the real LeNet / CIFAR-10 models, and bad input."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,9 +11,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from sppdet import caffe
-from sppdet.backbones import ZF5, build_backbone
+from sppdet.backbones import ZF5, CaffeNetTrunk, build_backbone
 from sppdet.spp import spp_pool_maps
 from sppdet.utils import SppdetError, run_cli
 
@@ -519,6 +520,10 @@ def test_script_as_main(tmp_path, capsys, monkeypatch):
         f"error: {tmp_path / 'missing.caffemodel'}: no such caffemodel file"]
 
 
+# ----------------------------------------------------------------------------- R-CNN's CaffeNet
+
+# R-CNN release 1's model-defs layout (V0: inline params, padding layers before the padded convs),
+# the same layers as BVLC's reference CaffeNet deploy.prototxt, cut after fc7.
 RCNN_V0_PROTOTXT = """
 input: "data" input_dim: 2 input_dim: 3 input_dim: 227 input_dim: 227
 layers { layer { name: "conv1" type: "conv" num_output: 96 kernelsize: 11 stride: 4 } bottom: "data" top: "conv1" }
@@ -527,39 +532,161 @@ layers { layer { name: "pool1" type: "pool" pool: MAX kernelsize: 3 stride: 2 } 
 layers { layer { name: "norm1" type: "lrn" local_size: 5 alpha: 0.0001 beta: 0.75 } bottom: "pool1" top: "norm1" }
 layers { layer { name: "pad2" type: "padding" pad: 2 } bottom: "norm1" top: "pad2" }
 layers { layer { name: "conv2" type: "conv" num_output: 256 group: 2 kernelsize: 5 } bottom: "pad2" top: "conv2" }
+layers { layer { name: "relu2" type: "relu" } bottom: "conv2" top: "conv2" }
 layers { layer { name: "pool2" type: "pool" pool: MAX kernelsize: 3 stride: 2 } bottom: "conv2" top: "pool2" }
-layers { layer { name: "pad3" type: "padding" pad: 1 } bottom: "pool2" top: "pad3" }
+layers { layer { name: "norm2" type: "lrn" local_size: 5 alpha: 0.0001 beta: 0.75 } bottom: "pool2" top: "norm2" }
+layers { layer { name: "pad3" type: "padding" pad: 1 } bottom: "norm2" top: "pad3" }
 layers { layer { name: "conv3" type: "conv" num_output: 384 kernelsize: 3 } bottom: "pad3" top: "conv3" }
+layers { layer { name: "relu3" type: "relu" } bottom: "conv3" top: "conv3" }
 layers { layer { name: "pad4" type: "padding" pad: 1 } bottom: "conv3" top: "pad4" }
 layers { layer { name: "conv4" type: "conv" num_output: 384 group: 2 kernelsize: 3 } bottom: "pad4" top: "conv4" }
+layers { layer { name: "relu4" type: "relu" } bottom: "conv4" top: "conv4" }
 layers { layer { name: "pad5" type: "padding" pad: 1 } bottom: "conv4" top: "pad5" }
 layers { layer { name: "conv5" type: "conv" num_output: 256 group: 2 kernelsize: 3 } bottom: "pad5" top: "conv5" }
+layers { layer { name: "relu5" type: "relu" } bottom: "conv5" top: "conv5" }
 layers { layer { name: "pool5" type: "pool" kernelsize: 3 pool: MAX stride: 2 } bottom: "conv5" top: "pool5" }
-layers { layer { name: "fc6" type: "innerproduct" num_output: 4 } bottom: "pool5" top: "fc6" }
+layers { layer { name: "fc6" type: "innerproduct" num_output: 16 } bottom: "pool5" top: "fc6" }
+layers { layer { name: "relu6" type: "relu" } bottom: "fc6" top: "fc6" }
+layers { layer { name: "fc7" type: "innerproduct" num_output: 8 } bottom: "fc6" top: "fc7" }
+layers { layer { name: "relu7" type: "relu" } bottom: "fc7" top: "fc7" }
 """
 
 
-def test_rcnn_caffenet_v0_falls_back_to_raw_and_runs(tmp_path):
-    """R-CNN's CaffeNet (V0 file and prototxt: inline params, padding layers, grouped convs) has
-    AlexNet's layer names but 96-256-384-384-256 channels, which torchvision's AlexNet trunk
-    (64-192-384-256-256, no groups) cannot hold: auto writes Caffe's names (and says why),
-    --arch alexnet is one error line naming conv1; the raw weights run through the prototxt."""
-    shapes = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
-              "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3), "fc6": (4, 9216)}
+def _bvlc_caffenet_prototxt() -> str:
+    """BVLC's models/bvlc_reference_caffenet/deploy.prototxt layout (V2: pad and group inside
+    convolution_param, LRN after the pools), cut after relu5."""
+    text = 'input: "data" input_shape { dim: 1 dim: 3 dim: 227 dim: 227 }\n'
+    prev = "data"
+    for i, (n, k, s, pad, group) in enumerate([(96, 11, 4, 0, 1), (256, 5, 1, 2, 2), (384, 3, 1, 1, 1),
+                                                (384, 3, 1, 1, 2), (256, 3, 1, 1, 2)], start=1):
+        text += (f'layer {{ name: "conv{i}" type: "Convolution" bottom: "{prev}" top: "conv{i}" '
+                 f'convolution_param {{ num_output: {n} kernel_size: {k} stride: {s} pad: {pad} group: {group} }} }}\n'
+                 f'layer {{ name: "relu{i}" type: "ReLU" bottom: "conv{i}" top: "conv{i}" }}\n')
+        prev = f"conv{i}"
+        if i <= 2:
+            text += (f'layer {{ name: "pool{i}" type: "Pooling" bottom: "conv{i}" top: "pool{i}" '
+                     f'pooling_param {{ pool: MAX kernel_size: 3 stride: 2 }} }}\n'
+                     f'layer {{ name: "norm{i}" type: "LRN" bottom: "pool{i}" top: "norm{i}" '
+                     f'lrn_param {{ local_size: 5 alpha: 0.0001 beta: 0.75 }} }}\n')
+            prev = f"norm{i}"
+    return text
+
+
+# CaffeNet's blob shapes: grouped conv2/4/5 hold (out, in / 2, k, k).
+CAFFENET_SHAPES = {"conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3),
+                   "conv4": (384, 192, 3, 3), "conv5": (256, 192, 3, 3)}
+
+
+@pytest.fixture(scope="module")
+def caffenet_caffe(tmp_path_factory):
+    """A V0 caffemodel (R-CNN release 1's format) with CaffeNet's layer names and conv shapes,
+    He-scaled random weights (so the LRNs act on pixel-sized inputs), and a narrow fc6
+    (FC6_OUT x 9216), fc7 and fc8."""
     rng = np.random.default_rng(10)
-    blobs = {n: [rng.standard_normal(s).astype(np.float32) * 0.01, np.zeros(s[0], np.float32)]
-             for n, s in shapes.items()}
-    (tmp_path / "caffenet").write_bytes(netparam([
-        layer_v0(n, "conv" if n.startswith("conv") else "innerproduct", b) for n, b in blobs.items()]))
-    model = caffe.read_caffemodel(tmp_path / "caffenet")
+    tensors, layers = {}, []
+    shapes = {**CAFFENET_SHAPES, "fc6": (FC6_OUT, 9216), "fc7": (8, FC6_OUT), "fc8": (5, 8)}
+    for name, shape in shapes.items():
+        w = (rng.standard_normal(shape) * (2 / np.prod(shape[1:])) ** 0.5).astype(np.float32)
+        b = rng.standard_normal(shape[0]).astype(np.float32) * 0.1
+        tensors[name] = (w, b)
+        layers.append(layer_v0(name, "conv" if name.startswith("conv") else "innerproduct", [w, b]))
+    path = tmp_path_factory.mktemp("caffenet") / "caffe_nets_ilsvrc_2012_train_iter_310k"
+    path.write_bytes(netparam(layers, "CaffeNet"))
+    return path, tensors
+
+
+def test_caffenet_conversion_runs_as_the_rcnn_prototxt(caffenet_caffe, tmp_path):
+    """auto recognises the CaffeNet; the converted file loads into build_backbone("caffenet")
+    and gives the conv5 PrototxtNet computes from the raw Caffe blobs on R-CNN's prototxt (and
+    on BVLC's deploy layout); fc6/fc7 on sppdet's one-level pyramid {6} give Caffe's fc6/fc7."""
+    path, tensors = caffenet_caffe
+    lines = []
+    meta = caffe.convert_file(path, tmp_path / "caffenet.pth", log=lines.append)
+    assert (meta["arch"], meta["format"], meta["levels"]) == ("caffenet", "V0", [6])
+    assert meta["input"] == {"bgr": True, "mean": caffe.INPUT_MEANS["caffenet"], "std": [1.0] * 3}
+    assert tuple(meta["input"]["mean"]) == CaffeNetTrunk.mean  # the trunk's own default
+    assert any("skipped: fc8" in line for line in lines)
+    saved = torch.load(tmp_path / "caffenet.pth", weights_only=True)["state_dict"]
+    assert set(saved) == {f"{n}.{p}" for n in (*CAFFENET_SHAPES, "fc6", "fc7") for p in ("weight", "bias")}
+    for name, (w, b) in tensors.items():
+        if name != "fc8":
+            assert torch.equal(saved[f"{name}.weight"], torch.from_numpy(w)), name
+            assert torch.equal(saved[f"{name}.bias"], torch.from_numpy(b)), name
+
+    trunk = build_backbone("caffenet", weights=str(tmp_path / "caffenet.pth")).eval()
+    assert trunk.preprocessing() == meta["input"]
+    image = np.random.default_rng(11).integers(0, 256, (2, 227, 227, 3), dtype=np.uint8)
+    x = trunk.preprocess(image)
+    raw = caffe.raw_state_dict(caffe.read_caffemodel(path))  # Caffe's names, an independent path
+    rcnn = caffe.netdef_from_message(caffe.parse_prototxt(RCNN_V0_PROTOTXT))
+    with torch.no_grad():
+        conv5 = trunk(x)
+        blobs = caffe.PrototxtNet(rcnn, raw).blobs(x.contiguous())
+        bvlc = caffe.PrototxtNet(caffe.netdef_from_message(caffe.parse_prototxt(_bvlc_caffenet_prototxt())),
+                                 raw).blobs(x[:1].contiguous())
+    assert conv5.shape == (2, 256, 13, 13) and blobs["pool5"].shape == (2, 256, 6, 6)
+    tol = 1e-5 * conv5.abs().max().item()  # float rounding only (sppdet runs channels-last)
+    torch.testing.assert_close(conv5, blobs["conv5"], rtol=0, atol=tol)
+    torch.testing.assert_close(conv5[:1], bvlc["conv5"], rtol=0, atol=tol)
+    # The LRNs matter at these magnitudes (a trunk without them would fail the check above).
+    assert (blobs["norm1"] - blobs["pool1"]).abs().max() > 100 * tol
+    # pool5 is the pyramid {6}; fc6 reads it in Caffe's (C, H, W) order, no reordering.
+    pooled = spp_pool_maps(conv5, (6,))
+    torch.testing.assert_close(pooled, blobs["pool5"].flatten(1), rtol=0, atol=tol)
+    fc6 = torch.relu(pooled.double() @ saved["fc6.weight"].double().T + saved["fc6.bias"].double())
+    fc7 = torch.relu(fc6 @ saved["fc7.weight"].double().T + saved["fc7.bias"].double())
+    torch.testing.assert_close(fc6, blobs["fc6"].double(), rtol=1e-4, atol=1e-4 * fc6.abs().max().item())
+    torch.testing.assert_close(fc7, blobs["fc7"].double(), rtol=1e-4, atol=1e-4 * fc7.abs().max().item())
+
+
+def test_caffenet_weights_give_the_detector_its_fc6_fc7(caffenet_caffe, tmp_path):
+    """model.weights = the converted file: trunk + fc6/fc7 + the pyramid {6} they were trained on."""
+    from sppdet.config import ModelConfig
+    from sppdet.model import build_backbone as build_model_backbone
+
+    path, tensors = caffenet_caffe
+    caffe.convert_file(path, tmp_path / "caffenet.pth", log=lambda s: None)
+    m = ModelConfig(backbone="caffenet", weights=str(tmp_path / "caffenet.pth"), levels=(6,), rcnn_input_size=227)
+    trunk, pretrained = build_model_backbone(m)
+    assert trunk.name == "caffenet" and pretrained.levels == (6,)
+    assert sorted(pretrained.fc) == ["fc6.bias", "fc6.weight", "fc7.bias", "fc7.weight"]
+    assert torch.equal(pretrained.fc["fc6.weight"], torch.from_numpy(tensors["fc6"][0]))
+
+
+def test_caffenet_and_alexnet_arch_errors_name_the_other(caffenet_caffe, tmp_path, capsys):
+    """--arch alexnet (torchvision's 64-192-384-256-256 layout) on R-CNN's CaffeNet is one error
+    line that names conv1 and suggests --arch caffenet; the converse suggests --arch alexnet."""
+    path, _ = caffenet_caffe
+    model = caffe.read_caffemodel(path)
+    with pytest.raises(SppdetError, match=r"layer conv1: weight shape \(96, 3, 11, 11\) does not fit alexnet "
+                                          r"features\.0\.weight \(64, 3, 11, 11\).*use --arch caffenet"):
+        caffe.convert(model, "alexnet", log=lambda s: None)
+    line = _one_error_line(_run(capsys, path, "--arch", "alexnet", "--out", tmp_path / "x.pth"))
+    assert "--arch caffenet" in line and not (tmp_path / "x.pth").exists()
+    code, out, err = _run(capsys, path, "--out", tmp_path / "auto.pth")  # the script's default: auto
+    assert code == 0, err
+    assert "conv2 -> conv2.weight (256, 48, 5, 5)" in out and "fc6 levels [6]" in out
+
+    tv = torchvision.models.alexnet(weights=None).features  # a Caffe AlexNet in torchvision's layout
+    convs = [m for m in tv if isinstance(m, torch.nn.Conv2d)]
+    alex = caffe.CaffeModel("AlexNet", "V2", [
+        caffe.CaffeLayer(f"conv{i}", "Convolution", blobs=[np.zeros(c.weight.shape, np.float32),
+                                                           np.zeros(c.out_channels, np.float32)])
+        for i, c in enumerate(convs, start=1)], "alexnet.caffemodel")
+    assert caffe.detect_arch(alex) == "alexnet" and caffe.detect_arch(model) == "caffenet"
+    with pytest.raises(SppdetError, match=r"layer conv1: .* does not fit caffenet .*use --arch alexnet"):
+        caffe.convert(alex, "caffenet", log=lambda s: None)
+    sd, meta = caffe.convert(alex, "auto", log=lambda s: None)
+    assert meta["arch"] == "alexnet" and "features.10.weight" in sd
+
+
+def test_caffenet_shaped_wrong_falls_back_to_raw(caffenet_caffe):
+    """AlexNet's names with shapes that fit neither trunk: auto writes Caffe's names and says why."""
+    path, tensors = caffenet_caffe
+    model = caffe.read_caffemodel(path)
+    model.layer("conv3").blobs[0] = np.zeros((300, 256, 3, 3), np.float32)
     lines = []
     sd, meta = caffe.convert(model, "auto", log=lines.append)
     assert meta["arch"] == "unknown" and meta["input"]["mean"] == caffe.INPUT_MEANS["alexnet"]
     assert any("look like alexnet" in line and "layer conv1" in line for line in lines)
-    with pytest.raises(SppdetError, match=r"layer conv1: weight shape \(96, 3, 11, 11\) does not fit alexnet"):
-        caffe.convert(model, "alexnet", log=lambda s: None)
-    net = caffe.netdef_from_message(caffe.parse_prototxt(RCNN_V0_PROTOTXT))
-    with torch.no_grad():
-        blobs = caffe.PrototxtNet(net, sd).blobs(torch.randn(1, 3, 227, 227) * 50)
-    assert [tuple(blobs[n].shape) for n in ("conv1", "conv2", "conv5", "pool5", "fc6")] == [
-        (1, 96, 55, 55), (1, 256, 27, 27), (1, 256, 13, 13), (1, 256, 6, 6), (1, 4)]
+    assert tuple(sd["conv3.weight"].shape) == (300, 256, 3, 3)
