@@ -21,8 +21,11 @@ FORMAT_VERSION = 2   # 2: heads as modules (svm.*, regressor.*), features.* / ba
 KINDS = ("spp", "rcnn")
 
 
-def save_checkpoint(path: str | Path, detector, cfg: Config, classes, extra: dict | None = None) -> None:
-    """Write `detector`, its resolved config and its class names (labels 1..K) to `path`."""
+def save_checkpoint(path: str | Path, detector, cfg: Config, classes, extra: dict | None = None,
+                    compressed: dict | None = None) -> None:
+    """Write `detector` (its exact head), its resolved config and its class names (labels 1..K)
+    to `path`; `compressed`: the truncated-SVD fc6/fc7 for the test settings
+    (`inference.for_test`), stored so loading need not compute them."""
     if detector.kind not in KINDS:
         raise TypeError(f"save_checkpoint: unknown detector kind {detector.kind!r}")
     payload = {
@@ -34,6 +37,9 @@ def save_checkpoint(path: str | Path, detector, cfg: Config, classes, extra: dic
         "model": {k: v.cpu() for k, v in detector.state_dict().items()},
         "extra": extra or {},
     }
+    if compressed is not None:
+        payload["compressed"] = {"svd": list(compressed["svd"]),
+                                 "state": {k: v.cpu() for k, v in compressed["state"].items()}}
     save_verified(payload, path)
 
 
@@ -69,9 +75,11 @@ def _raw(path: Path):
         return None
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", for_test: bool = False):
     """Rebuild the detector saved at `path` -> (detector in eval mode on `device`, Config,
-    class names). No pretrained weights are read: the file holds every parameter."""
+    class names). No pretrained weights are read: the file holds every parameter. With
+    `for_test`, the head is the one its test settings ask for (`inference.for_test`: the stored
+    truncated SVD when its settings match)."""
     payload = read_checkpoint(path)
     try:
         cfg = config_from_dict(payload["config"])
@@ -82,4 +90,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         detector.load_state_dict(payload["model"])
     except RuntimeError as e:
         raise SppdetError(f"{path}: network weights do not match its config ({str(e).splitlines()[0]})") from None
-    return detector.to(device).eval(), cfg, list(payload["classes"])
+    detector = detector.to(device).eval()
+    if for_test:
+        from .inference import for_test as test_head
+        detector, _ = test_head(detector, cfg, payload.get("compressed"))
+    return detector, cfg, list(payload["classes"])

@@ -73,11 +73,13 @@ class Detector(nn.Module):
     def device(self) -> torch.device:
         return self.svm.bias.device
 
-    def fc7(self, pooled: torch.Tensor) -> torch.Tensor:
-        """(R, D) -> (R, fc_dim), in chunks of `self.chunk` windows."""
+    def fc7(self, pooled: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """(R, D) -> (R, fc_dim) float32, in chunks of `self.chunk` windows; precision "bf16" runs
+        the fc layers in bfloat16 (autocast)."""
         if len(pooled) == 0:
             return pooled.new_zeros(0, self.head.out_dim)
-        return torch.cat([self.head(p) for p in pooled.split(self.chunk)])
+        with torch.autocast(pooled.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return torch.cat([self.head(p) for p in pooled.split(self.chunk)]).float()
 
     def scores(self, fc7: torch.Tensor, scorer: str = "svm") -> torch.Tensor:
         """fc7 (R, F) -> (R, K): SVM margins ("svm") or fc8 softmax probabilities ("softmax")."""
@@ -90,13 +92,15 @@ class Detector(nn.Module):
     @torch.no_grad()
     def detect(self, image: np.ndarray, boxes: np.ndarray, scorer: str = "svm",
                score_thresh: float = -1.5, nms: float = 0.3, max_per_class: int = 100,
-               max_per_image: int = 100, regress: bool = True, timers: dict | None = None) -> Detections:
+               max_per_image: int = 100, regress: bool = True, precision: str = "fp32",
+               timers: dict | None = None) -> Detections:
         """image: BGR uint8 (H, W, 3); boxes: proposals (R, 4) 0-based inclusive.
 
         Per class: windows scoring above `score_thresh` -> NMS -> the best `max_per_class` -> box
         regression (if `regress`), clipped to the image -> NMS again (as the official evaluation
         does); then the best `max_per_image` over all classes. Scores are SVM margins (> 0: the
         class's SVM calls it an object) or, with scorer="softmax", fc8 probabilities.
+        precision "bf16" runs fc6/fc7 in bfloat16 (see `inference.resolve_precision`).
         """
         self.eval()
         height, width = image.shape[:2]
@@ -104,7 +108,7 @@ class Detector(nn.Module):
         pooled = self.features(image, proposals, timers=timers)
         proposals = proposals.to(pooled.device)
         with timed(timers, "fc", self.device):
-            scores = self.scores(self.fc7(pooled), scorer)
+            scores = self.scores(self.fc7(pooled, precision), scorer)
         with timed(timers, "nms", self.device):
             window, cls = (scores > score_thresh).nonzero(as_tuple=True)
             cand_scores = scores[window, cls]

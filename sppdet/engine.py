@@ -11,6 +11,7 @@ own module (finetune.py, svm.py, bbox_reg.py, inference.py, report.py); this fil
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -31,7 +32,7 @@ from .config import Config, dump_config, resolve
 from .detector import Detector
 from .features import TrainingFeatures
 from .finetune import finetune, label_windows
-from .inference import evaluate_run, load_datasets, proposals_for
+from .inference import evaluate_run, for_test, load_datasets, proposals_for
 from .model import build_detector, pretrain_config, pretrained_weights_path
 from .report import comparison, comparison_markdown
 from .svm import train_svms
@@ -206,9 +207,10 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
         else:
             logger.info(f"[{kind}] box regression: done earlier, loaded")
         detector.regressor.load_state_dict(done)
-    save_checkpoint(run_dir / "model.pt", detector, cfg, train_set.classes)
+    tested, compressed = for_test(copy.deepcopy(detector), cfg)  # the head the test settings ask for
+    save_checkpoint(run_dir / "model.pt", detector, cfg, train_set.classes, compressed=compressed)
 
-    metrics, times = evaluate_run(detector, test_set, test_props, cfg, run_dir, logger, desc=f"{kind} test")
+    metrics, times = evaluate_run(tested, test_set, test_props, cfg, run_dir, logger, desc=f"{kind} test")
     write_json_atomic(run_dir / "metrics.json", metrics)
     _append_metrics(run_dir, [("test", 0, f"ap/{c}", v) for c, v in metrics["ap"].items()] +
                     [("test", 0, "map", metrics["map"])] + [("test", 0, k, v) for k, v in times.items()])

@@ -9,7 +9,7 @@ Each head is an nn.Module owning its tensors, as torchvision's FastRCNNPredictor
 checkpoint is one state dict and `.to(device)` moves everything. The SVM and regression tensors
 are fitted in closed form by scikit-learn (`svm.py`, `bbox_reg.py`), never by gradients, so
 they are buffers. Labels are 1..K (0 is background); boxes are float [x1, y1, x2, y2], 0-based,
-x2/y2 inclusive.
+x2/y2 inclusive. `compress_head` replaces fc6/fc7 by truncated SVDs (a post-training option).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class FCHead(nn.Module):
 
     @property
     def out_dim(self) -> int:
-        return self.fc7.out_features
+        return self.fc7.out_features  # LowRankLinear has it too
 
     def reset_cls_score(self, std: float) -> None:
         nn.init.normal_(self.cls_score.weight, std=std)
@@ -115,3 +115,65 @@ class BoxRegressor(nn.Module):
         if len(boxes) == 0:
             return boxes
         return box_ops.decode(boxes, self.deltas(pooled, labels))
+
+
+# ----------------------------------------------------------------------------- compression
+
+class LowRankLinear(nn.Module):
+    """A Linear layer replaced by its truncated SVD, as Fast R-CNN compresses fc6/fc7 (its
+    section 3.1): W (out, in) ~ U_r S_r V_r^T runs as `reduce` (in -> r, no bias, weight S_r V_r^T)
+    then `expand` (r -> out, weight U_r, the original bias). At full rank it is the same map."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.reduce = nn.Linear(in_features, rank, bias=False)
+        self.expand = nn.Linear(rank, out_features)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """The rank-`rank` truncation of `linear` (SVD in float64)."""
+        w = linear.weight.detach().double()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        out = cls(linear.in_features, linear.out_features, rank).to(linear.weight.device)
+        out.reduce.weight.copy_(s[:rank, None] * vh[:rank])
+        out.expand.weight.copy_(u[:, :rank])
+        out.expand.bias.copy_(linear.bias.detach())
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.reduce(x))
+
+
+def svd_rank(spec: float, layer: nn.Module) -> int | None:
+    """The rank a `test.svd_fc*` value asks of `layer`: >= 1 an absolute rank, in (0, 1) a
+    fraction of min(in, out) (0.25 and 0.0625 give Fast R-CNN's 1024 and 256 for 4096-wide
+    layers), 0 none; None when that would not make the layer cheaper (or it is compressed)."""
+    if spec <= 0 or not isinstance(layer, nn.Linear):
+        return None
+    full = min(layer.in_features, layer.out_features)
+    rank = int(spec) if spec >= 1 else max(1, round(spec * full))
+    # two layers cost rank * (in + out) multiply-adds against in * out for one
+    return rank if rank * (layer.in_features + layer.out_features) < layer.in_features * layer.out_features else None
+
+
+def compress_head(head: FCHead, fc6: float, fc7: float) -> dict[str, int]:
+    """Replace fc6 / fc7 by their truncated SVDs where that makes them cheaper (in place);
+    returns {layer: rank} of what was replaced."""
+    done = {}
+    for name, spec in (("fc6", fc6), ("fc7", fc7)):
+        rank = svd_rank(spec, getattr(head, name))
+        if rank is not None:
+            setattr(head, name, LowRankLinear.from_linear(getattr(head, name), rank))
+            done[name] = rank
+    return done
+
+
+def match_compression(head: FCHead, state: dict, prefix: str = "head.") -> None:
+    """Give `head` the low-rank fc6/fc7 a state dict holds (a compressed checkpoint)."""
+    for name in ("fc6", "fc7"):
+        key = f"{prefix}{name}.reduce.weight"
+        if key in state:
+            layer = getattr(head, name)
+            setattr(head, name, LowRankLinear(layer.in_features, layer.out_features, state[key].shape[0]))

@@ -86,13 +86,85 @@ def proposals_for(cfg: Config, dataset: VOCDataset) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- detection of a split
 
-def detect_options(cfg: Config, score_thresh: float | None = None) -> dict:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """test.precision -> "bf16" or "fp32": auto is bf16 where the device computes it natively
+    (a CPU with AVX-512 BF16 / AMX as oneDNN reports it, or a CUDA GPU with bf16), else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def for_test(detector: Detector, cfg: Config, stored: dict | None = None) -> tuple[Detector, dict | None]:
+    """The detector as the test settings run it: fc6/fc7 replaced by truncated SVDs as
+    test.svd_fc6 / svd_fc7 ask (unless test.exact), in place. `stored` is a checkpoint's
+    precomputed compression ({"svd": [fc6, fc7], "state": ...}), used when it was made with the
+    same settings (an SVD of a 4096 x 12800 fc6 takes a minute on two cores). Returns (the
+    detector, the compression to store: None when nothing was compressed)."""
+    from .heads import compress_head, match_compression
+
+    t = cfg.test
+    if t.exact:
+        return detector, None
+    spec = [t.svd_fc6, t.svd_fc7]
+    if stored is not None and stored.get("svd") == spec:
+        state = {f"head.{k}": v for k, v in stored["state"].items()}
+        match_compression(detector.head, state)
+        detector.head.load_state_dict(stored["state"], strict=False)
+        detector.to(detector.device)
+        return detector, stored
+    if not compress_head(detector.head, *spec):
+        return detector, None
+    state = {k: v for k, v in detector.head.state_dict().items() if ".reduce." in k or ".expand." in k}
+    return detector, {"svd": spec, "state": state}
+
+
+def compress_checkpoint(path: str | os.PathLike, svd_fc6: float | None = None, svd_fc7: float | None = None,
+                        out: str | os.PathLike | None = None) -> dict[str, int]:
+    """scripts/compress.py: store the truncated-SVD fc6/fc7 in a checkpoint beside its exact head
+    (see `for_test`), its test.svd_* set to the values used; returns {layer: rank}."""
+    import copy
+    from dataclasses import replace as dc_replace
+
+    from .checkpoint import read_checkpoint, save_checkpoint
+    from .heads import LowRankLinear
+    from .utils import check_writable_file
+
+    out = Path(out) if out is not None else Path(path)
+    check_writable_file(out, "--out")
+    for name, value in (("--svd-fc6", svd_fc6), ("--svd-fc7", svd_fc7)):
+        if value is not None and value < 0:
+            raise SppdetError(f"{name} must be >= 0 (a rank, a fraction of the layer, or 0 for off), got {value}")
+    detector, cfg, classes = load_checkpoint(path)
+    t = cfg.test
+    cfg = dc_replace(cfg, test=dc_replace(t, svd_fc6=t.svd_fc6 if svd_fc6 is None else svd_fc6,
+                                          svd_fc7=t.svd_fc7 if svd_fc7 is None else svd_fc7, exact=False))
+    tested, compressed = for_test(copy.deepcopy(detector), cfg)
+    ranks = {n: layer.rank for n in ("fc6", "fc7") for layer in [getattr(tested.head, n)]
+             if isinstance(layer, LowRankLinear)}
+    save_checkpoint(out, detector, cfg, classes, extra=read_checkpoint(path).get("extra"), compressed=compressed)
+    print(f"{out}: " + (", ".join(f"{n} rank {r}" for n, r in ranks.items()) if ranks else
+                        "nothing compressed (at these ranks the layers would not get cheaper)"))
+    return ranks
+
+
+def describe_head(detector: Detector, precision: str) -> str:
+    from .heads import LowRankLinear
+
+    ranks = [f"{n} rank {getattr(detector.head, n).rank}" for n in ("fc6", "fc7")
+             if isinstance(getattr(detector.head, n), LowRankLinear)]
+    return f"fc layers in {precision}, " + (f"truncated SVD ({', '.join(ranks)})" if ranks else "no SVD")
+
+
+def detect_options(cfg: Config, score_thresh: float | None = None, device: torch.device | None = None) -> dict:
     """`Detector.detect` keyword arguments of a config's test section (`score_thresh` overrides
     the candidate threshold)."""
     t = cfg.test
+    precision = "fp32" if t.exact else resolve_precision(t.precision, device or torch.device("cpu"))
     return dict(scorer=t.scorer, score_thresh=t.score_thresh if score_thresh is None else score_thresh,
                 nms=t.nms, max_per_class=t.max_per_class, max_per_image=t.max_per_image,
-                regress=cfg.bbox_reg.enabled)
+                regress=cfg.bbox_reg.enabled, precision=precision)
 
 
 def combine_detections(parts: Sequence[Detections], nms: float, max_per_image: int) -> Detections:
@@ -117,7 +189,7 @@ def detect_split(detector: Detector | Sequence[Detector], dataset: VOCDataset, p
     timers: dict[str, Timer] = {}
     total = Timer(detectors[0].device)
     results = {}
-    options = detect_options(cfg)
+    options = detect_options(cfg, device=detectors[0].device)
     for rec in tqdm(dataset, desc=desc, leave=False, dynamic_ncols=True):
         image = load_image(rec.path)
         with total:
@@ -150,8 +222,10 @@ def score_detections(dataset: VOCDataset, detections: dict, metric: str) -> dict
 
 def evaluate_run(detector: Detector, dataset: VOCDataset, proposals, cfg: Config, out_dir: Path,
                  logger: logging.Logger, desc: str = "evaluate") -> tuple[dict, dict]:
-    """Detect the split, write comp4 results files under out_dir/results, score them
-    -> ({metric, ap, map}, seconds per image by part)."""
+    """Detect the split with the test settings (`detector` as `for_test` made it), write comp4
+    results files under out_dir/results, score them -> ({metric, ap, map}, seconds per image)."""
+    precision = detect_options(cfg, device=detector.device)["precision"]
+    logger.info(f"test head: {describe_head(detector, precision)}")
     detections, times = detect_to_results(detector, dataset, proposals, cfg, out_dir / "results", desc)
     metrics = score_detections(dataset, detections, cfg.test.metric)
     name = {"spp": "SPP-net", "rcnn": "R-CNN"}[detector.kind]
@@ -209,7 +283,8 @@ class Predictor:
         # Dropping windows below the threshold before NMS keeps exactly the detections NMS would
         # keep above it: a window is only ever suppressed by better-scoring ones.
         thresh = self.score_thresh if score_thresh is None else score_thresh
-        parts = [d.detect(image, proposals, **detect_options(self.cfg, thresh)) for d in self.detectors]
+        options = detect_options(self.cfg, thresh, self.detector.device)
+        parts = [d.detect(image, proposals, **options) for d in self.detectors]
         det = combine_detections(parts, self.cfg.test.nms, self.cfg.test.max_per_image)
         return replace(det, class_names=self.classes)
 
@@ -221,7 +296,7 @@ def load_checkpoints(paths: Sequence[str | os.PathLike], device) -> tuple[list[D
         raise SppdetError("no checkpoint given")
     detectors, cfg, classes = [], None, None
     for path in paths:
-        detector, c, k = load_checkpoint(path, device)
+        detector, c, k = load_checkpoint(path, device, for_test=True)
         if classes is not None and k != classes:
             raise SppdetError(f"{path}: its classes {k} differ from {paths[0]}'s {classes}; only detectors of "
                               f"the same classes combine")
