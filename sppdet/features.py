@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone
-from .spp import choose_scales, project_boxes, resize_factor, spp_output_dim, spp_pool
+from .spp import choose_scales, project_boxes, resize_boxes, resize_factor, spp_output_dim, spp_pool
 from .utils import CorruptFileError, Timer, content_digest, file_signature, get_logger, \
     load_verified, save_verified, stable_hash
 from .voc import load_image
@@ -107,16 +107,20 @@ class SPPFeatures(WindowFeatures):
 
     def pool(self, maps: dict[int, torch.Tensor], image_shape: tuple[int, ...], boxes: torch.Tensor,
              scale_idx: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
-        """Pool each window (R, 4) from the conv5 map of scale `scale_idx[r]` -> (R, D)."""
+        """Pool each window (R, 4) from the conv5 map of scale `scale_idx[r]` -> (R, D). Boxes
+        reach the resized image as the projection rule's code does: boxes * f (paper), or
+        (b - 1)(s - 1)/(m - 1) + 1 on 1-based corners (code; `spp.resize_boxes`)."""
         height, width = image_shape[:2]
         pooled = None
         for k, conv5 in maps.items():
             sel = (scale_idx == k).nonzero(as_tuple=True)[0]
             if len(sel) == 0:
                 continue
-            f = resize_factor(height, width, self.scales[k], self.max_size)
             with timed(timers, "pool", self.device):
-                windows = project_boxes(boxes[sel] * f, self.backbone.stride, self.backbone.center0,
+                # paper: boxes * f; code: the official (b - 1)(s - 1)/(m - 1) + 1 (spp.resize_boxes)
+                scaled = resize_boxes(boxes[sel], height, width, self.scales[k], self.max_size,
+                                      rule=self.projection)
+                windows = project_boxes(scaled, self.backbone.stride, self.backbone.center0,
                                         conv5.shape[1], conv5.shape[2], rule=self.projection)
                 part = spp_pool(conv5, windows.to(conv5.device), self.levels)
             if pooled is None:

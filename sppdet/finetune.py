@@ -4,8 +4,12 @@ Paper (section 4.1, PAPER.md 2.1): conv frozen; fc6, fc7 and a new (K+1)-way fc8
 windows pooled from conv5; positives IoU >= 0.5 with a ground-truth box (the ground-truth
 boxes themselves included), background IoU in [0.1, 0.5), 25% positives per minibatch of 128,
 SGD momentum 0.9, weight decay 5e-4, dropout 0.5. Beyond the paper, `train_conv` back-propagates
-through the pyramid pooling into conv1..conv5. The official code's flips and random scale per
-window are switches (FinetuneConfig).
+through the pyramid pooling into conv1..conv5. The official code's choices are switches
+(FinetuneConfig; the paper's values stay the defaults): flips, a random scale per window, the
+vstep schedule (lr / lr_steps / gamma), fc8's bias initialised to `fc8_bias` (the train
+prototxt's bias_filler constant 1), biases at `bias_lr_mult` x the learning rate (blobs_lr 2)
+and no weight decay on fc8's bias (`fc8_bias_decay` false: weight_decay 0 on fc8_pascal's bias),
+as `param_groups` builds them.
 """
 from __future__ import annotations
 
@@ -68,6 +72,38 @@ def learning_rate(iteration: int, base_lr: float, steps: Sequence[int], gamma: f
     return base_lr * gamma ** sum(iteration >= s for s in steps)
 
 
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+def param_groups(detector: Detector, cfg: FinetuneConfig, train_conv: bool | None = None) -> list[dict]:
+    """The optimizer's parameter groups, in a fixed order (an exact resume loads the optimizer
+    state group by group): head weights, head biases but fc8's, fc8's bias, and with
+    `train_conv` the backbone's weights and biases. Each group's "mult" scales the scheduled
+    learning rate (`learning_rate(...) * mult`): biases `cfg.bias_lr_mult` (Caffe's blobs_lr 2 on
+    the second blob), the backbone `cfg.conv_lr_mult` (its biases both). Weight decay is
+    `cfg.weight_decay` everywhere but on fc8's bias when `cfg.fc8_bias_decay` is false (the
+    official prototxt's weight_decay 0 on fc8_pascal's bias). Groups stay even when empty."""
+    train_conv = cfg.train_conv if train_conv is None else train_conv
+    head = list(detector.head.named_parameters())
+    fc8_bias = detector.head.cls_score.bias
+    groups = [
+        ("head.weight", [p for n, p in head if not _is_bias(n)], 1.0, cfg.weight_decay),
+        ("head.bias", [p for n, p in head if _is_bias(n) and p is not fc8_bias], cfg.bias_lr_mult,
+         cfg.weight_decay),
+        ("fc8.bias", [fc8_bias], cfg.bias_lr_mult, cfg.weight_decay if cfg.fc8_bias_decay else 0.0),
+    ]
+    if train_conv:
+        conv = list(detector.backbone.named_parameters())
+        groups += [
+            ("backbone.weight", [p for n, p in conv if not _is_bias(n)], cfg.conv_lr_mult, cfg.weight_decay),
+            ("backbone.bias", [p for n, p in conv if _is_bias(n)], cfg.conv_lr_mult * cfg.bias_lr_mult,
+             cfg.weight_decay),
+        ]
+    return [{"name": name, "params": params, "mult": mult, "lr": cfg.lr * mult, "weight_decay": decay}
+            for name, params, mult, decay in groups]
+
+
 def finetune(detector: Detector, source: TrainingFeatures, windows: dict[str, TrainWindows],
              cfg: FinetuneConfig, seed: int = 0, state: dict | None = None,
              checkpoint: Callable[[dict], None] | None = None,
@@ -80,20 +116,23 @@ def finetune(detector: Detector, source: TrainingFeatures, windows: dict[str, Tr
     interrupted run (from `checkpoint(state)` calls every `cfg.checkpoint_every` iterations)
     exactly: the same seed and config give the same weights as an uninterrupted run. The state
     holds the live model and optimizer tensors, so the callback must save (serialise) it before
-    returning. Returns the final state: iteration, model, optimizer, RNG states (numpy sampling,
-    torch dropout), loss history.
+    returning. A new run (no `state`) first sets fc8's bias to `cfg.fc8_bias` (a resumed one
+    keeps the snapshot's); the optimizer's groups and their learning-rate multipliers are
+    `param_groups`'s. Returns the final state: iteration, model, optimizer, RNG states (numpy
+    sampling, torch dropout), loss history.
     """
     images = list(windows)
     rng = np.random.default_rng(seed)
-    params = [{"params": detector.head.parameters(), "lr": cfg.lr}]
-    if cfg.train_conv:
-        params.append({"params": detector.backbone.parameters(), "lr": cfg.lr * cfg.conv_lr_mult,
-                       "mult": cfg.conv_lr_mult})
-    else:
+    if not cfg.train_conv:
         detector.backbone.requires_grad_(False)
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(detector, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
     start, history, running = 0, [], []
-    if state:
+    if not state:
+        # A new fc8's bias starts at cfg.fc8_bias (official: 1); its N(0, fc8_std) weights stay.
+        with torch.no_grad():
+            detector.head.cls_score.bias.fill_(cfg.fc8_bias)
+    else:
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["rng"]

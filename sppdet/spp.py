@@ -3,7 +3,7 @@
 Data flow for one image (PAPER.md 1.2-1.5):
 
     boxes (R, 4) original pixels ──choose_scales──► scale index per window
-    boxes * resize_factor(...)  ──project_boxes──► windows (R, 4) in conv5 cells
+    resize_boxes(boxes, ...)    ──project_boxes──► windows (R, 4) in conv5 cells
     conv5 (C, H5, W5), windows  ──spp_pool──────► (R, C * sum(n * n)) = (R, 12800) for ZF-5
 
 Boxes are float [x1, y1, x2, y2] in 0-based pixel indices with x2/y2 inclusive. Windows are int64
@@ -48,9 +48,34 @@ def resize_factor(height: int, width: int, scale: float, max_size: float | None 
 
 def scale_boxes(boxes, factor: float):
     """Boxes in original pixels -> pixels of the image resized by `factor` (the paper's
-    boxes * factor). The official code maps 1-based corners as (b - 1)(s - 1)/(m - 1) + 1, which
-    in 0-based pixels is simply boxes * (s - 1)/(m - 1): pass that as `factor` to mimic it."""
+    boxes * factor). `resize_boxes` picks the factor of a scale, the official code's included."""
     return boxes * factor
+
+
+def resize_boxes(boxes, height: int, width: int, scale: float, max_size: float | None = None,
+                 rule: str = "paper"):
+    """Boxes (R, 4) in 0-based pixels of the original (height, width) image -> pixels of that
+    image resized for `scale` (short side `scale`, long side capped at `max_size`).
+
+    rule="paper": boxes * f, f from `resize_factor`, in the boxes' own dtype.
+    rule="code" (spp_features_convX_to_poolX.m): the official code maps 1-based corners as
+    (b - 1)(s - 1)/(m - 1) + 1, m = min(height, width) of the original image and s the resized
+    short side (the scale itself, unless `max_size` capped it: then round(m f), the short side in
+    pixels). In 0-based pixels that is b (s - 1)/(m - 1): the first pixel lands on the first and
+    the last (m - 1) on the last (s - 1), where boxes * f would put it at (m - 1) s / m. Computed
+    in float64, as b * (s - 1) / (m - 1); a one-pixel short side (m = 1) falls back to f.
+    """
+    f = resize_factor(height, width, scale, max_size)
+    if rule == "paper":
+        return boxes * f
+    if rule != "code":
+        raise ValueError(f"projection rule must be 'paper' or 'code', got {rule!r}")
+    m = min(height, width)
+    b = boxes.astype(np.float64) if isinstance(boxes, np.ndarray) else torch.as_tensor(boxes).double()
+    if m <= 1:
+        return b * f
+    s = round(m * f) if _long_side_capped(height, width, scale, max_size) else scale
+    return b * (s - 1) / (m - 1)
 
 
 def _float64(boxes) -> torch.Tensor:
@@ -86,29 +111,49 @@ def project_boxes(boxes, stride: int, center0: float, map_h: int, map_w: int, ru
     """
     b = _float64(boxes)
     lo, hi = b[:, :2], b[:, 2:]
+    cells = response_cells(b, stride, center0, rule, offset0, offset)
+    left, right = cells[:, :2], cells[:, 2:]
+    empty = left > right
     if rule == "paper":
-        left = torch.floor((lo - 0.5 - center0) / stride) + 1
-        right = torch.ceil((hi + 0.5 - center0) / stride) - 1
         # Round half up (not torch.round's half-to-even) so a tie always picks the right unit.
         nearest = torch.floor(((lo + hi) / 2 - center0) / stride + 0.5)
-        empty = left > right
         left = torch.where(empty, nearest, left)
         right = torch.where(empty, nearest, right)
-    elif rule == "code":
-        off0 = center0 + 1 if offset0 is None else offset0
-        left = torch.floor((lo + 1 - off0 + offset) / stride + 0.5) + 1
-        right = torch.ceil((hi + 1 - off0 - offset) / stride - 0.5) + 1
-        mid = torch.floor((left + right) / 2)
-        empty = left > right
-        left = torch.where(empty, mid, left) - 1
-        right = torch.where(empty, mid, right) - 1
     else:
-        raise ValueError(f"projection rule must be 'paper' or 'code', got {rule!r}")
+        # The mex's integer midpoint of 1-based cells, (L + R) / 2, is floor((l + r) / 2) of the
+        # 0-based ones l = L - 1, r = R - 1 (C truncates toward zero, but a negative sum is
+        # clipped to the first cell either way).
+        mid = torch.floor((left + right) / 2)
+        left = torch.where(empty, mid, left)
+        right = torch.where(empty, mid, right)
     # Clipping after the collapse keeps left <= right (clamping is monotone).
     upper = torch.tensor([map_w - 1, map_h - 1], dtype=torch.float64)
     left = torch.minimum(left.clamp(min=0), upper)
     right = torch.minimum(right.clamp(min=0), upper)
     return torch.cat([left, right], dim=1).to(torch.int64)
+
+
+def response_cells(boxes, stride: int, center0: float, rule: str = "paper",
+                   offset0: float | None = None, offset: float = 6.5) -> torch.Tensor:
+    """The conv5 cells a projection rule gives boxes (R, 4) (0-based inclusive pixels of the
+    resized image) before an empty window is collapsed and before the clip to the map:
+    (R, 4) float64 [c1, r1, c2, r2], 0-based, integer-valued, c1 > c2 (r1 > r2) when the box
+    holds no unit centre. For rule="code" this is the official spm_response_boxes.m (shifted to
+    0-based), the key the official code de-duplicates hard negatives by; `project_boxes`
+    documents both rules and finishes the window."""
+    b = _float64(boxes)
+    lo, hi = b[:, :2], b[:, 2:]
+    if rule == "paper":
+        left = torch.floor((lo - 0.5 - center0) / stride) + 1
+        right = torch.ceil((hi + 0.5 - center0) / stride) - 1
+    elif rule == "code":
+        off0 = center0 + 1 if offset0 is None else offset0
+        # 1-based pixels X = x + 1, 1-based cells floor(...) + 1 and ceil(...) + 1, minus 1.
+        left = torch.floor((lo + 1 - off0 + offset) / stride + 0.5)
+        right = torch.ceil((hi + 1 - off0 - offset) / stride - 0.5)
+    else:
+        raise ValueError(f"projection rule must be 'paper' or 'code', got {rule!r}")
+    return torch.cat([left, right], dim=1)
 
 
 def choose_scales(boxes, scales: Sequence[float], height: int, width: int,

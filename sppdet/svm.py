@@ -9,6 +9,13 @@ is retrained after `retrain_every` new negatives, and a retrain evicts cached ne
 below `evict_thresh`. The paper also drops a negative that overlaps a kept negative by > 0.7
 (`neg_overlap_prune`); the official code does not (set it to None).
 
+The official code's own choices are switches (SVMConfig; the paper's values are the defaults):
+`dedup_conv5` drops a proposal that maps to the same conv5 window at the same scale as an
+earlier proposal of the image (spp_features_convX_to_poolX.m's `dedup`: same pooled feature);
+`scale_sample: random` estimates the feature scale from 200 random windows of 200 random images
+(spp_feature_stats.m); `retrain_strict` retrains when the new negatives exceed `retrain_every`
+(spp_train.m's `num_added > retrain_limit`) rather than reach it.
+
 Scores: ``score = (features * scale) @ W.T + b``, W (K, D), b (K,), column k-1 for class k:
 `train_svms` returns them as the detector's `heads.LinearSVMScorer`.
 """
@@ -27,10 +34,12 @@ from tqdm import tqdm
 
 from . import boxes as box_ops
 from .config import SVMConfig
+from .features import SPPFeatures
 from .heads import LinearSVMScorer
+from .spp import resize_boxes, response_cells
 from .utils import SppdetError
 
-__all__ = ["feature_scale", "fit_svm", "svm_objective", "SVMTrainer", "train_svms"]
+__all__ = ["conv5_keys", "feature_scale", "fit_svm", "scale_sample_rows", "svm_objective", "SVMTrainer", "train_svms"]
 
 
 def feature_scale(sample_features, target_norm: float = 20.0) -> float:
@@ -154,14 +163,16 @@ class SVMTrainer:
     image and class exceeds this (greedy in proposal order; None disables); hard_thresh: a
     negative is mined if its current score is above this; evict_thresh: after a retrain,
     cached negatives scoring below this are dropped; retrain_every: retrain a class after this
-    many new negatives. class_names: K names (classes 1..K) for messages.
+    many new negatives (retrain_strict: after more than this many, as spp_train.m's
+    `num_added > retrain_limit`). class_names: K names (classes 1..K) for messages.
+    `add_image(..., keys=...)` de-duplicates an image's negatives by key (`conv5_keys`).
     """
 
     def __init__(self, num_classes: int, dim: int, C: float = 1e-3, pos_weight: float = 2.0,
                  bias_mult: float = 10.0, neg_iou: float = 0.3,
                  neg_overlap_prune: float | None = 0.7, hard_thresh: float = -1.0001,
                  evict_thresh: float = -1.2, retrain_every: int = 2000, feat_scale: float = 1.0,
-                 tol: float = 1e-4, max_iter: int = 10000, seed: int = 0,
+                 tol: float = 1e-4, max_iter: int = 10000, seed: int = 0, retrain_strict: bool = False,
                  class_names: Sequence[str] | None = None,
                  logger: logging.Logger | None = None) -> None:
         if class_names is not None and len(class_names) != num_classes:
@@ -172,6 +183,7 @@ class SVMTrainer:
         self.neg_overlap_prune = None if neg_overlap_prune is None else float(neg_overlap_prune)
         self.hard_thresh, self.evict_thresh = float(hard_thresh), float(evict_thresh)
         self.retrain_every = int(retrain_every)
+        self.retrain_strict = bool(retrain_strict)
         self.feat_scale = float(feat_scale)
         self.tol, self.max_iter, self.seed = float(tol), int(max_iter), int(seed)
         self.class_names = list(class_names) if class_names is not None else None
@@ -230,22 +242,35 @@ class SVMTrainer:
             raise ValueError(f"features must be (N, {self.D}), got {features.shape}")
         return features
 
-    def candidate_negatives(self, boxes, gt_boxes, gt_labels) -> list[np.ndarray]:
+    def candidate_negatives(self, boxes, gt_boxes, gt_labels, keys=None) -> list[np.ndarray]:
         """For each class k = 1..K, the rows of `boxes` that are negatives for k (sorted).
 
-        Negative: IoU < neg_iou with every ground truth of class k; then, if neg_overlap_prune
-        is set, a negative is dropped when its IoU with an earlier kept negative exceeds it.
+        Negative: IoU < neg_iou with every ground truth of class k. With `keys` (N, d) int, one
+        row per box (`conv5_keys`: scale index and conv5 window), only the first box of each
+        key is a candidate at all, as the official code's `dedup` (`unique(rsp_keys, 'rows')`
+        over the image's boxes, then the overlap test): a later box with an earlier box's key
+        is dropped, whether or not that earlier box is a negative of k. Then, if
+        neg_overlap_prune is set, a negative is dropped when its IoU with an earlier kept
+        negative exceeds it.
         """
         boxes = _numpy(boxes, np.float32).reshape(-1, 4)
         gt_boxes = _numpy(gt_boxes, np.float32).reshape(-1, 4)
         gt_labels = _numpy(gt_labels, np.int64).reshape(-1)
+        first = np.ones(len(boxes), bool)
+        if keys is not None:
+            keys = np.asarray(keys)
+            if keys.ndim != 2 or len(keys) != len(boxes):
+                raise ValueError(f"keys must have one row per box ({len(boxes)}), got shape {keys.shape}")
+            first[:] = False
+            if len(keys):
+                first[np.unique(keys, axis=0, return_index=True)[1]] = True  # first occurrences
         overlaps = box_ops.iou(boxes, gt_boxes) if len(gt_boxes) else None
         pruned: dict[bytes, np.ndarray] = {}  # classes absent from the image share one set
         out = []
         for k in range(1, self.K + 1):
-            mask = np.ones(len(boxes), bool)
+            mask = first.copy()
             if overlaps is not None and (gt_labels == k).any():
-                mask = overlaps[:, gt_labels == k].max(axis=1) < self.neg_iou
+                mask &= overlaps[:, gt_labels == k].max(axis=1) < self.neg_iou
             key = mask.tobytes()
             if key not in pruned:
                 idx = np.flatnonzero(mask)
@@ -262,12 +287,12 @@ class SVMTrainer:
                                      self.neg_overlap_prune)
         return idx[np.sort(keep)]
 
-    def add_image(self, features, boxes, gt_boxes, gt_labels) -> np.ndarray:
+    def add_image(self, features, boxes, gt_boxes, gt_labels, keys=None) -> np.ndarray:
         """Mine the negatives of one image; retrain the classes that hit `retrain_every`.
 
         features (N, D) raw fc7 features of the proposals `boxes` (N, 4), inclusive-end xyxy;
-        gt_boxes (G, 4) and gt_labels (G,) in 1..K. Returns the number of negatives added per
-        class, (K,) int64.
+        gt_boxes (G, 4) and gt_labels (G,) in 1..K; keys (N, d) optional de-duplication keys
+        (see `candidate_negatives`). Returns the number of negatives added per class, (K,) int64.
         """
         if self.images_seen == 0:
             self._check_positives()
@@ -277,7 +302,7 @@ class SVMTrainer:
         x = features * np.float32(self.feat_scale)
         scores = x @ self.W.T + self.b
         added = np.zeros(self.K, np.int64)
-        for k, idx in enumerate(self.candidate_negatives(boxes, gt_boxes, gt_labels), start=1):
+        for k, idx in enumerate(self.candidate_negatives(boxes, gt_boxes, gt_labels, keys), start=1):
             # A class without a model yet (the first image) takes all its negatives.
             hard = idx[scores[idx, k - 1] > self.hard_thresh] if self.trained[k - 1] else idx
             if len(hard):
@@ -288,10 +313,16 @@ class SVMTrainer:
         self.num_added += added
         first = self.images_seen == 0
         for k in range(1, self.K + 1):
-            if (first or self.num_added[k - 1] >= self.retrain_every) and self._neg[k - 1].n:
+            if (first or self._retrain_due(k)) and self._neg[k - 1].n:
                 self._train(k, image=self.images_seen)
         self.images_seen += 1
         return added
+
+    def _retrain_due(self, k: int) -> bool:
+        """Class k has gathered enough new negatives: >= retrain_every, or with `retrain_strict`
+        > retrain_every (spp_train.m's `num_added > retrain_limit`)."""
+        added = int(self.num_added[k - 1])
+        return added > self.retrain_every if self.retrain_strict else added >= self.retrain_every
 
     def _check_positives(self) -> None:
         for k in range(1, self.K + 1):
@@ -376,8 +407,57 @@ class SVMTrainer:
                 "bias_mult": self.bias_mult, "neg_iou": self.neg_iou,
                 "neg_overlap_prune": self.neg_overlap_prune, "hard_thresh": self.hard_thresh,
                 "evict_thresh": self.evict_thresh, "retrain_every": self.retrain_every,
+                "retrain_strict": self.retrain_strict,
                 "feat_scale": self.feat_scale, "tol": self.tol, "max_iter": self.max_iter,
                 "seed": self.seed}
+
+
+def conv5_keys(features: SPPFeatures, image_shape: tuple[int, ...], boxes) -> np.ndarray:
+    """The official code's de-duplication key of each box (N, 4) (original pixels, 0-based):
+    (N, 5) int64 (scale index, c1, r1, c2, r2), the scale the detector pools the box at
+    (`window_scales`) and the conv5 cells the detector's projection rule gives the box scaled
+    to that scale (as `SPPFeatures.pool` scales it), before an empty window is collapsed and
+    before the clip to the map: spp_features_convX_to_poolX.m keys `dedup` on
+    [spm_response_boxes(scaled_boxes), best_scale_ids] (0-based cells here). Boxes with the
+    same key are pooled from the same conv5 cells: the same feature."""
+    boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
+    height, width = image_shape[:2]
+    scale_idx = features.window_scales(image_shape, boxes).cpu()
+    keys = np.zeros((len(boxes), 5), np.int64)
+    keys[:, 0] = scale_idx.numpy()
+    backbone = features.backbone
+    for k in scale_idx.unique().tolist():
+        sel = scale_idx == k
+        scaled = resize_boxes(boxes[sel], height, width, features.scales[k], features.max_size,
+                              rule=features.projection)
+        cells = response_cells(scaled, backbone.stride, backbone.center0, rule=features.projection)
+        keys[sel.numpy(), 1:] = cells.cpu().numpy().astype(np.int64)
+    return keys
+
+
+def scale_sample_rows(records: Sequence, proposals: dict[str, np.ndarray], how: str,
+                       rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """{record index: rows of its training windows (proposals, then ground truth)} whose fc7
+    features estimate the feature scale.
+
+    first: 200 random proposals of each of the first 200 images (the ground-truth features
+    are added by the caller). random (spp_feature_stats.m): 200 random images (all when fewer),
+    each 200 random windows (all when fewer) of its roidb rows, proposals and ground truth.
+    """
+    out: dict[int, np.ndarray] = {}
+    if how == "first":
+        for i, rec in enumerate(records[:200]):
+            n = len(proposals[rec.image_id])
+            if n:
+                out[i] = rng.choice(n, min(n, 200), replace=False)
+        return out
+    if how != "random":
+        raise ValueError(f"scale_sample must be 'first' or 'random', got {how!r}")
+    for i in rng.choice(len(records), min(len(records), 200), replace=False).tolist():
+        n = len(proposals[records[i].image_id]) + len(records[i].boxes)
+        if n:
+            out[i] = rng.choice(n, min(n, 200), replace=False)
+    return out
 
 
 @torch.no_grad()
@@ -385,41 +465,65 @@ def train_svms(detector, source, records: Sequence, proposals: dict[str, np.ndar
                class_names: Sequence[str] | None = None, seed: int = 0,
                logger: logging.Logger | None = None) -> tuple[LinearSVMScorer, list[dict]]:
     """Train the detector's per-class SVMs on fc7 features of the training images, in two passes
-    as the official code: ground-truth features (the positives) plus 200 random proposals of
-    each of the first 200 images (the feature scale, mean norm `cfg.target_norm`), then one
-    hard-negative mining pass over every image's proposals.
+    as the official code: ground-truth features (the positives) plus a sample of windows for the
+    feature scale (mean norm `cfg.target_norm`; `cfg.scale_sample`: first = 200 random proposals
+    of each of the first 200 images plus the ground truth, random = 200 random windows of 200
+    random images as spp_feature_stats.m), then one hard-negative mining pass over every image's
+    proposals. With `cfg.dedup_conv5` (SPP only) a proposal with the conv5 window and scale of
+    an earlier proposal of its image is no negative (`conv5_keys`). (The official roidb lists
+    each image's ground truth first, so there the ground-truth boxes take part in the
+    de-duplication and are negatives of the other classes; here, as before, only proposals are
+    mined.)
 
     source(image_id, rows) gives pooled features of an image's training windows (its proposals,
     then its ground truth: `features.TrainingFeatures`); records are the training ImageRecords.
     Returns (scorer, per-retrain history).
     """
+    log = logger or logging.getLogger("sppdet.svm")
     detector.eval()
     rng = np.random.default_rng(seed)
+    take = scale_sample_rows(records, proposals, cfg.scale_sample, rng)
     gt_feats, gt_labels, sample = [], [], []
     for i, rec in enumerate(tqdm(records, desc="SVM positives", leave=False, dynamic_ncols=True)):
         props = proposals[rec.image_id]
-        take = rng.choice(len(props), min(len(props), 200), replace=False) if i < 200 and len(props) \
-            else np.zeros(0, np.int64)
-        rows = np.concatenate([len(props) + np.arange(len(rec.boxes)), take])
+        rows = np.concatenate([len(props) + np.arange(len(rec.boxes)), take.get(i, np.zeros(0, np.int64))])
         if len(rows) == 0:
             continue
         fc7 = detector.fc7(source(rec.image_id, rows)).cpu().numpy()
         gt_feats.append(fc7[: len(rec.boxes)])
         gt_labels.append(rec.labels)
         sample.append(fc7[len(rec.boxes):])
-    scale = feature_scale(np.concatenate(sample + gt_feats), cfg.target_norm)
+    scale_sample = sample + gt_feats if cfg.scale_sample == "first" else sample
+    scale = feature_scale(np.concatenate(scale_sample), cfg.target_norm)
+    log.info(f"svm feature scale ({cfg.scale_sample}): {sum(len(x) for x in scale_sample)} windows of "
+             f"{len(take)} images, x {scale:.4g} for a mean fc7 norm of {cfg.target_norm:g}")
+    dedup = cfg.dedup_conv5 and isinstance(detector.features, SPPFeatures)
+    if cfg.dedup_conv5 and not dedup:
+        log.info(f"svm.dedup_conv5: the {detector.kind} detector has no shared conv5 map to project a "
+                 "proposal onto, so the conv5-window de-duplication of negatives does not apply")
     trainer = SVMTrainer(detector.num_classes, detector.head.out_dim, C=cfg.C, pos_weight=cfg.pos_weight,
                          bias_mult=cfg.bias_mult, neg_iou=cfg.neg_iou, neg_overlap_prune=cfg.neg_overlap_prune,
                          hard_thresh=cfg.hard_thresh, evict_thresh=cfg.evict_thresh,
-                         retrain_every=cfg.retrain_every, feat_scale=scale, seed=seed,
-                         class_names=class_names, logger=logger)
+                         retrain_every=cfg.retrain_every, retrain_strict=cfg.retrain_strict,
+                         feat_scale=scale, seed=seed, class_names=class_names, logger=logger)
     trainer.add_positives(np.concatenate(gt_feats), np.concatenate(gt_labels))
+    total = duplicates = 0
     for rec in tqdm(records, desc="SVM mining", leave=False, dynamic_ncols=True):
         props = proposals[rec.image_id]
         if len(props) == 0:
-            (logger or logging.getLogger("sppdet.svm")).info(f"{rec.image_id}: no proposals; skipped for SVM mining")
+            log.info(f"{rec.image_id}: no proposals; skipped for SVM mining")
             continue
+        keys = None
+        if dedup:
+            shape = source.image_shape(rec.image_id) if hasattr(source, "image_shape") \
+                else (rec.height, rec.width)
+            keys = conv5_keys(detector.features, shape, props)
+            total += len(keys)
+            duplicates += len(keys) - len(np.unique(keys, axis=0))
         fc7 = detector.fc7(source(rec.image_id, np.arange(len(props))))
-        trainer.add_image(fc7.cpu().numpy(), props, rec.boxes, rec.labels)
+        trainer.add_image(fc7.cpu().numpy(), props, rec.boxes, rec.labels, keys=keys)
+    if dedup:
+        log.info(f"svm.dedup_conv5: {duplicates} of {total} proposals share their conv5 window and scale "
+                 "with an earlier proposal of their image: no negatives")
     W, b = trainer.finish()
     return LinearSVMScorer.from_arrays(W, b, scale), trainer.history

@@ -171,7 +171,10 @@ def test_finetune_learns_an_easy_case(tmp_path):
 
 @pytest.mark.parametrize("options", [dict(cache="memory"), dict(cache="disk"),
                                      dict(train_conv=True, conv_lr_mult=0.5),
-                                     dict(random_scale=True, cache="memory", scales=(96, 128))])
+                                     dict(random_scale=True, cache="memory", scales=(96, 128)),
+                                     # the official code's settings: five parameter groups
+                                     dict(train_conv=True, bias_lr_mult=2.0, fc8_bias=1.0,
+                                          fc8_bias_decay=False)])
 def test_resume_equals_an_uninterrupted_run(tmp_path, options):
     """Stop after 13 of 30 iterations (mid lr step, mid history window), resume from the saved
     snapshot on a differently initialised detector: the result is bit-identical."""
