@@ -56,21 +56,50 @@ METHODS = {  # name -> (column title, detector kind, scales)
     "spp_5scale": ("SPP 5-scale", "spp", (480, 576, 688, 864, 1200)),
     "rcnn": ("R-CNN", "rcnn", None),
 }
+# fc head variants timed on the same pooled features: name -> (title, SVD on, precision)
+HEADS = {
+    "exact": ("fp32 (exact)", False, "fp32"),
+    "bf16": ("bf16", False, "bf16"),
+    "svd": ("SVD fp32", True, "fp32"),
+    "svd_bf16": ("SVD + bf16", True, "bf16"),
+}
 PARTS = ("warp", "conv", "pool", "fc", "nms")  # the timers the detectors fill
 WARMUP_WINDOWS = 64  # R-CNN warms up on one conv batch, not on ~2000 windows
 
 
-def time_detect(detector, image: np.ndarray, boxes: np.ndarray, device: torch.device) -> dict[str, float]:
-    """One `detect` call -> seconds by part: conv (R-CNN: warp included), warp, pool, fc, nms,
-    and total = the call's wall time minus NMS."""
+def time_detect(detector, image: np.ndarray, boxes: np.ndarray, device: torch.device,
+                **options) -> tuple[dict[str, float], torch.Tensor]:
+    """One `detect` call -> (seconds by part: conv (R-CNN: warp included), warp, pool, fc, nms,
+    total = the call's wall time, NMS included; the pooled features it computed)."""
     timers = {k: Timer(device) for k in PARTS}  # every part present, even those a method skips
     wall = Timer(device)
-    with wall:
-        detector.detect(image, boxes, timers=timers)
+    pooled = []
+    hook = detector.features.register_forward_hook(lambda m, args, out: pooled.append(out))
+    try:
+        with wall:
+            detector.detect(image, boxes, timers=timers, **options)
+    finally:
+        hook.remove()
     t = {k: timers[k].total for k in PARTS}
     t["conv"] += t["warp"]  # crop + warp is R-CNN's counterpart of SPP's resize + preprocess
-    t["total"] = wall.total - t["nms"]
-    return t
+    t["total"] = wall.total
+    return t, pooled[0]
+
+
+def time_heads(detector, heads: dict, pooled: torch.Tensor, device: torch.device) -> dict[str, float]:
+    """Seconds of fc6 + fc7 + SVM scores on `pooled` for each head variant {name: (head, precision)}."""
+    out = {}
+    original = detector.head
+    try:
+        for name, (head, precision) in heads.items():
+            detector.head = head
+            timer = Timer(device)
+            with torch.no_grad(), timer:
+                detector.svm(detector.fc7(pooled, precision))
+            out[name] = timer.total
+    finally:
+        detector.head = original
+    return out
 
 
 def per_image(samples: list[tuple[dict[str, float], int, int]]) -> dict[str, float]:
@@ -80,8 +109,14 @@ def per_image(samples: list[tuple[dict[str, float], int, int]]) -> dict[str, flo
     return {f"{k}_s": float(np.mean([t[k] * total / timed for t, timed, total in samples])) for k in keys}
 
 
-def build_benchmark_detectors(cfg, num_classes: int, device: torch.device) -> dict:
-    """The three detectors on one random network (conv and fc), with random SVMs."""
+def build_benchmark_detectors(cfg, num_classes: int, device: torch.device) -> tuple[dict, dict]:
+    """The three detectors on one random network (conv and fc) with random SVMs, and the head
+    variants {name: (FCHead, precision)}: SVD heads are random at their ranks (timings depend
+    on shapes, not on values)."""
+    import copy
+
+    from .heads import LowRankLinear, svd_rank
+    from .inference import resolve_precision
     from .model import build_detector
 
     torch.manual_seed(cfg.run.seed)
@@ -91,13 +126,24 @@ def build_benchmark_detectors(cfg, num_classes: int, device: torch.device) -> di
         detectors[name] = build_detector(dataclasses.replace(cfg, model=model), num_classes, kind=kind)
     first = detectors["spp_1scale"]
     gen = torch.Generator().manual_seed(cfg.run.seed)
-    # Random SVMs: only NMS (reported apart) depends on the scores.
+    # Random SVMs: only NMS depends on the scores.
     first.svm.weight.copy_(torch.randn(first.svm.weight.shape, generator=gen) / first.svm.weight.shape[1] ** 0.5)
     first.svm.bias.fill_(-1.0)
     for det in detectors.values():
         det.load_state_dict(first.state_dict())
         det.to(device).eval()
-    return detectors
+    bf16 = resolve_precision("bf16" if cfg.test.precision == "auto" else cfg.test.precision, device)
+    heads = {}
+    for name, (_, svd, precision) in HEADS.items():
+        head = copy.deepcopy(first.head)
+        if svd:
+            for layer, spec in (("fc6", cfg.test.svd_fc6), ("fc7", cfg.test.svd_fc7)):
+                rank = svd_rank(spec, getattr(head, layer))
+                if rank is not None:
+                    full = getattr(head, layer)
+                    setattr(head, layer, LowRankLinear(full.in_features, full.out_features, rank))
+        heads[name] = (head.to(device).eval(), "fp32" if precision == "fp32" else bf16)
+    return detectors, heads
 
 
 def device_name(device: torch.device) -> str:
@@ -127,13 +173,20 @@ def benchmark_proposals(records, cfg, max_boxes: int, cache_dir: str | Path):
     return run
 
 
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (Linux: ru_maxrss in KiB), in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def format_benchmark(result: dict) -> str:
     m, up = result["methods"], result["speedup"]
     names = list(METHODS)
     cols = "".join(f"{METHODS[n][0]:>14s}" for n in names)
 
-    def row(label, values):
-        return f"{label:<28s}" + "".join(f"{v:>14s}" for v in values)
+    def row(label, values, width=28):
+        return f"{label:<{width}s}" + "".join(f"{v:>14s}" for v in values)
 
     r = result["rcnn"]
     windows = "all windows" if not r["extrapolated"] else \
@@ -143,33 +196,49 @@ def format_benchmark(result: dict) -> str:
         f"device {result['device']}, {result['threads']} torch threads (pooling runs on one, see sppdet.spp)",
         f"{result['images']} images of {result['dataset']}, {result['proposals_per_image']:.0f} proposals per image; "
         f"R-CNN timed on {r['images']} of them ({m['rcnn']['windows_per_image']:.0f} proposals per image), {windows}",
+        f"default head: {result['default_head']}",
         "",
         f"{'seconds per image':<28s}{cols}",
         row("conv time", [f"{m[n]['conv_s']:.4f}" for n in names]),
         row("pooling time", [f"{m[n]['pool_s']:.4f}" for n in names]),
         row("fc time (fc6, fc7, SVM)", [f"{m[n]['fc_s']:.4f}" for n in names]),
+        row("NMS + box regression", [f"{m[n]['nms_s']:.4f}" for n in names]),
         row("total time", [f"{m[n]['total_s']:.4f}" for n in names]),
         row("speed-up vs R-CNN (conv)", [f"{up[n]['conv']:.1f}x" for n in names[:-1]] + ["1x"]),
         row("speed-up vs R-CNN (total)", [f"{up[n]['total']:.1f}x" for n in names[:-1]] + ["1x"]),
         "",
-        row("NMS (not in total)", [f"{m[n]['nms_s']:.4f}" for n in names]),
-        f"proposals: selective search ({result['proposal_mode']}) {result['proposal_s']:.2f} s per image "
-        f"(measured when computed; not in any time above)",
-        "conv includes resize + preprocessing (R-CNN: crop + warp of each window); total = the "
-        "detector's time per image without NMS and proposals.",
+        "fc heads on the same pooled features (both detectors with the same head):",
+        row("seconds per image", [HEADS[h][0] for h in HEADS], 36),
+    ]
+    for n in ("spp_1scale", "rcnn"):
+        lines.append(row(f"{METHODS[n][0]} fc time", [f"{result['heads'][n][h]['fc_s']:.4f}" for h in HEADS], 36))
+        lines.append(row(f"{METHODS[n][0]} total time", [f"{result['heads'][n][h]['total_s']:.4f}" for h in HEADS], 36))
+    lines.append(row("SPP 1-scale total speed-up vs R-CNN", [f"{result['heads']['speedup'][h]:.1f}x" for h in HEADS], 36))
+    e = result["end_to_end"]
+    lines += [
+        "",
+        f"one detect.py call per image (SPP 1-scale, default head): proposals {e['proposals_s']:.3f} + network "
+        f"and NMS {e['network_s']:.3f} = {e['total_s']:.3f} s (wall clock, imports excluded)",
+        f"peak resident memory: {result['peak_memory_mb']:.0f} MiB",
+        "conv includes resize + preprocessing (R-CNN: crop + warp of each window); total = the detector's "
+        "whole time per image, NMS and box regression included, proposals not.",
         f"pooling / conv, SPP 1-scale: {100 * m['spp_1scale']['pool_s'] / m['spp_1scale']['conv_s']:.0f}%",
     ]
     return "\n".join(lines)
 
 
-def run_benchmark(voc_root: str | Path, year: str = "2007", split: str = "test", images: int = 3,
+def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split: str = "test", images: int = 3,
                   max_proposals: int = 2000, config: str | None = None, overrides=(),
                   rcnn_images: int = 1, rcnn_windows: int | None = None, device: str | None = None,
                   threads: int | None = None, proposal_cache: str | Path | None = None) -> dict:
     """Time the three methods on the first `images` images of a split (R-CNN on the first
     `rcnn_images`, optionally on its first `rcnn_windows` windows, scaled linearly) after one
-    untimed warm-up, image-major so load changes hit all methods alike -> the figures."""
+    untimed warm-up, image-major so load changes hit all methods alike, each with the default
+    head and every head variant on the same pooled features; then one detect.py-style call per
+    image (fresh selective search + network + NMS) -> the figures."""
     from .config import load_config, resolve
+    from .inference import detect_options, describe_head
+    from .proposals import selective_search
     from .utils import pick_device
     from .voc import VOCDataset, load_image
 
@@ -190,24 +259,47 @@ def run_benchmark(voc_root: str | Path, year: str = "2007", split: str = "test",
     dataset.check_not_empty()
     records = dataset.records[:images]
     n_rcnn = min(rcnn_images, len(records))
-    proposals = benchmark_proposals(records, cfg, max_proposals, proposal_cache or resolve("cache/proposals"))
-    detectors = build_benchmark_detectors(cfg, len(dataset.classes), device)
+    proposals = benchmark_proposals(records, cfg, max_proposals, proposal_cache or resolve(cfg.proposals.cache_dir))
+    detectors, heads = build_benchmark_detectors(cfg, len(dataset.classes), device)
+    default = "exact" if cfg.test.exact else ("svd_bf16" if heads["svd_bf16"][1] == "bf16" else "svd")
+    for det in detectors.values():
+        det.head = heads[default][0]
+    options = {**detect_options(cfg, device=device), "precision": heads[default][1]}
 
     with torch.no_grad():
         image, boxes = load_image(records[0].path), proposals.boxes[records[0].image_id]
         for name, det in detectors.items():  # warm-up: thread pools, allocator, oneDNN kernels
-            det.detect(image, boxes[:WARMUP_WINDOWS] if name == "rcnn" else boxes)
+            det.detect(image, boxes[:WARMUP_WINDOWS] if name == "rcnn" else boxes, **options)
         samples = {name: [] for name in METHODS}
+        head_samples = {name: [] for name in ("spp_1scale", "rcnn")}
         for i, rec in enumerate(records):
             image, boxes = load_image(rec.path), proposals.boxes[rec.image_id]
             for name, det in detectors.items():
                 if name == "rcnn" and i >= n_rcnn:
                     continue
                 timed = boxes[:rcnn_windows] if name == "rcnn" and rcnn_windows else boxes
-                t = time_detect(det, image, timed, device)
+                t, pooled = time_detect(det, image, timed, device, **options)
                 samples[name].append((t, len(timed), len(boxes)))
+                if name in head_samples:
+                    fc = time_heads(det, heads, pooled, device)
+                    # a variant's total: the measured call with its fc time in place of the default's
+                    variant = {f"{h}_{k}": v for h, s in fc.items()
+                               for k, v in (("fc", s), ("total", t["total"] - t["fc"] + s))}
+                    head_samples[name].append((variant, len(timed), len(boxes)))
                 print(f"[{i + 1}/{len(records)}] {rec.image_id} {name}: {t['total']:.2f} s "
                       f"({len(timed)} windows)", file=sys.stderr, flush=True)
+        # the time a user waits: a detect.py call, selective search included (not cached)
+        p = cfg.proposals
+        e2e = []
+        for rec in records:
+            image = load_image(rec.path)
+            t_ss, t_net = Timer(device), Timer(device)
+            with t_ss:
+                found = selective_search(image, mode=p.mode, max_boxes=max_proposals, min_size=p.min_size,
+                                         resize=p.resize)
+            with t_net:
+                detectors["spp_1scale"].detect(image, found, **options)
+            e2e.append((t_ss.total, t_net.total))
 
     methods = {name: {**per_image(s), "images": len(s),
                       "windows_per_image": float(np.mean([total for _, _, total in s]))}
@@ -215,6 +307,11 @@ def run_benchmark(voc_root: str | Path, year: str = "2007", split: str = "test",
     rcnn = methods["rcnn"]
     speedup = {name: {"conv": rcnn["conv_s"] / methods[name]["conv_s"],
                       "total": rcnn["total_s"] / methods[name]["total_s"]} for name in METHODS if name != "rcnn"}
+    head_means = {name: per_image(s) for name, s in head_samples.items()}
+    head_table = {name: {h: {"fc_s": head_means[name][f"{h}_fc_s"], "total_s": head_means[name][f"{h}_total_s"]}
+                         for h in HEADS} for name in head_samples}
+    head_table["speedup"] = {h: head_table["rcnn"][h]["total_s"] / head_table["spp_1scale"][h]["total_s"]
+                             for h in HEADS}
     m = cfg.model
     extrapolated = bool(rcnn_windows) and any(timed < total for _, timed, total in samples["rcnn"])
     return {
@@ -227,10 +324,17 @@ def run_benchmark(voc_root: str | Path, year: str = "2007", split: str = "test",
         "dataset": f"{dataset.folder} {split}",
         "network": f"{m.backbone} (width {m.width}, fc {m.fc_dim}, weights {m.weights}), "
                    f"levels {list(m.levels)}",
+        "default_head": f"{default}: {describe_head(detectors['spp_1scale'], heads[default][1])}",
         "methods": methods,
         "speedup": speedup,
+        "heads": head_table,
+        "end_to_end": {"proposals_s": float(np.mean([a for a, _ in e2e])),
+                       "network_s": float(np.mean([b for _, b in e2e])),
+                       "total_s": float(np.mean([a + b for a, b in e2e]))},
+        "peak_memory_mb": peak_memory_mb(),
         "rcnn": {"images": n_rcnn, "input_size": m.rcnn_input_size, "context": m.rcnn_context,
                  "windows_timed": rcnn_windows if extrapolated else "all", "extrapolated": extrapolated},
-        "notes": "seconds per image; conv includes resize + preprocessing (R-CNN: crop + warp); "
-                 "total = detector time without NMS (nms_s) and without proposals (proposal_s)",
+        "notes": "seconds per image; conv includes resize + preprocessing (R-CNN: crop + warp); total = "
+                 "detector time with NMS and box regression (nms_s), without proposals (proposal_s); "
+                 "heads: fc time of each head variant on the same pooled features, and the total with it",
     }

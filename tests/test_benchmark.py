@@ -29,17 +29,20 @@ def test_per_image_means_and_linear_extrapolation(bench):
     assert bench.per_image(samples) == {"conv_s": 2.5, "total_s": 7.0}
 
 
-def test_time_detect_folds_warp_into_conv_and_leaves_nms_out(bench):
+def test_time_detect_folds_warp_into_conv_and_counts_nms_in_the_total(bench):
     class Stub:
+        features = torch.nn.Identity()
+
         def detect(self, image, boxes, timers):
+            self.features(torch.ones(3))
             for name, seconds in (("warp", 0.02), ("conv", 0.01), ("nms", 0.3)):
                 with timers.setdefault(name, None):
                     time.sleep(seconds)
 
-    t = bench.time_detect(Stub(), None, None, torch.device("cpu"))
+    t, pooled = bench.time_detect(Stub(), None, None, torch.device("cpu"))
     assert t["warp"] >= 0.02 and t["conv"] - t["warp"] >= 0.01 and t["nms"] >= 0.3
-    assert t["conv"] <= t["total"] < 0.3  # NMS is reported, not counted
-    assert t["pool"] == t["fc"] == 0.0
+    assert t["total"] >= t["conv"] + t["nms"]  # the user waits for NMS too
+    assert t["pool"] == t["fc"] == 0.0 and torch.equal(pooled, torch.ones(3))
 
 
 def test_spp_pool_restores_the_thread_count():
@@ -92,7 +95,14 @@ def test_benchmark_end_to_end(tmp_path):
     assert methods["spp_1scale"]["windows_per_image"] == result["proposals_per_image"]
     for name, m in methods.items():
         assert min(m["conv_s"], m["pool_s"], m["fc_s"], m["total_s"], m["nms_s"]) > 0, name
-        assert m["total_s"] >= m["conv_s"] + m["pool_s"] + m["fc_s"], name
+        assert m["total_s"] >= m["conv_s"] + m["pool_s"] + m["fc_s"] + m["nms_s"], name
+    heads = result["heads"]
+    assert set(heads) == {"spp_1scale", "rcnn", "speedup"} and set(heads["speedup"]) == {"exact", "bf16", "svd", "svd_bf16"}
+    for h, s in heads["speedup"].items():
+        assert s == pytest.approx(heads["rcnn"][h]["total_s"] / heads["spp_1scale"][h]["total_s"])
+    e = result["end_to_end"]
+    assert e["total_s"] == pytest.approx(e["proposals_s"] + e["network_s"]) and e["proposals_s"] > 0
+    assert result["peak_memory_mb"] > 100
     assert methods["spp_1scale"]["warp_s"] == 0 and 0 < methods["rcnn"]["warp_s"] <= methods["rcnn"]["conv_s"]
     for name in ("spp_1scale", "spp_5scale"):
         for part in ("conv", "total"):
@@ -100,7 +110,8 @@ def test_benchmark_end_to_end(tmp_path):
             assert result["speedup"][name][part] == pytest.approx(expected, rel=1e-12)
     table = proc.stdout
     for line in ("conv time", "pooling time", "fc time", "total time", "speed-up vs R-CNN (conv)",
-                 "speed-up vs R-CNN (total)", "NMS (not in total)", "proposals: selective search"):
+                 "speed-up vs R-CNN (total)", "NMS + box regression", "SVD + bf16", "one detect.py call per image",
+                 "peak resident memory"):
         assert line in table
     assert "EXTRAPOLATED" in table and "R-CNN timed on 1 of them" in table
     # The cached proposals are reused: a second run would not recompute them.
