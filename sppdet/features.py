@@ -63,7 +63,9 @@ class WindowFeatures(nn.Module):
     def settings(self) -> dict:
         """Everything besides the weights that shapes the features (for cache keys)."""
         return {"kind": self.kind, "levels": self.levels, "backbone": self.backbone.name,
-                "out_channels": self.backbone.out_channels, "preprocess": self.backbone.preprocessing()}
+                "out_channels": self.backbone.out_channels, "preprocess": self.backbone.preprocessing(),
+                # the layers themselves (model.lrn removes ZF-5's LRN, which has no weights)
+                "layers": [type(m).__name__ for m in self.backbone.modules()]}
 
 
 class SPPFeatures(WindowFeatures):

@@ -26,7 +26,7 @@ from . import boxes as box_ops
 from .config import FinetuneConfig
 from .detector import Detector
 from .features import TrainingFeatures
-from .utils import SppdetError
+from .utils import SppdetError, set_torch_rng_state, torch_rng_state
 
 
 @dataclass
@@ -136,7 +136,7 @@ def finetune(detector: Detector, source: TrainingFeatures, windows: dict[str, Tr
         detector.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["rng"]
-        _set_torch_rng(state["torch_rng"])
+        set_torch_rng_state(state["torch_rng"])
         start, history, running = state["iteration"], list(state["history"]), list(state["running"])
     spp = detector.kind == "spp"
     per_image = max(1, cfg.batch_size // cfg.images_per_batch)
@@ -193,19 +193,5 @@ def _state(detector, optimizer, rng, iteration, history, running) -> dict:
     """Everything an exact resume needs; `running` holds the (loss, accuracy) of iterations
     since the last history entry."""
     return {"model": detector.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": rng.bit_generator.state, "torch_rng": _torch_rng(), "iteration": iteration,
+            "rng": rng.bit_generator.state, "torch_rng": torch_rng_state(), "iteration": iteration,
             "history": list(history), "running": list(running)}
-
-
-def _torch_rng() -> dict:
-    """torch's global generators (dropout draws from them): CPU, and each CUDA device in use."""
-    out = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda"] = torch.cuda.get_rng_state_all()
-    return out
-
-
-def _set_torch_rng(states: dict) -> None:
-    torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
