@@ -58,6 +58,8 @@ class ProposalConfig:
     resize: Optional[int] = 500           # short side the search runs at, boxes mapped back; null: the original
                                           # size (the paper). Selective search is not scale invariant: a canonical
                                           # size, as R-CNN's wrapper (width 500); recall figures in README [ours]
+    max_side: Optional[int] = 4000        # cap on the long side the search runs at (a 6000x4000 photo at its own
+                                          # size takes a quarter of an hour); null: no cap [ours]
     cache_dir: str = "cache/proposals"    # per-image cache, keyed on parameters and image content [ours]
     workers: int = 2                      # processes for the search [ours]
 
@@ -257,6 +259,7 @@ RULES = {
     "proposals.min_size": (lambda v: v >= 0, "an integer >= 0"),
     "proposals.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "proposals.workers": (lambda v: v >= 0, "an integer >= 0"),
+    "proposals.max_side": (lambda v: v is None or v >= 32, "null or an integer >= 32"),
     "model.width": (lambda v: 0 < v <= 4, "in (0, 4]"),
     "model.levels": (_positive_list, "a non-empty list of positive integers"),
     "model.fc_dim": (lambda v: v >= 1, "an integer >= 1"),

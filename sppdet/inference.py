@@ -81,7 +81,7 @@ def proposals_for(cfg: Config, dataset: VOCDataset) -> dict[str, np.ndarray]:
     p = cfg.proposals
     return compute_proposals([(r.image_id, r.path) for r in dataset], mode=p.mode, max_boxes=p.max_boxes,
                              min_size=p.min_size, resize=p.resize, cache_dir=resolve(p.cache_dir),
-                             workers=p.workers)
+                             workers=p.workers, max_side=p.max_side)
 
 
 # ----------------------------------------------------------------------------- detection of a split
@@ -270,7 +270,8 @@ class Predictor:
     def proposals(self, image: np.ndarray) -> np.ndarray:
         """Selective search boxes (N, 4) of a BGR image with the checkpoint's settings."""
         p = self.cfg.proposals
-        return selective_search(image, mode=p.mode, max_boxes=p.max_boxes, min_size=p.min_size, resize=p.resize)
+        return selective_search(image, mode=p.mode, max_boxes=p.max_boxes, min_size=p.min_size, resize=p.resize,
+                                max_side=p.max_side)
 
     def __call__(self, image: str | os.PathLike | np.ndarray, proposals: np.ndarray | None = None,
                  score_thresh: float | None = None) -> Detections:

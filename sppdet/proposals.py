@@ -72,7 +72,8 @@ from typing import Iterable, NamedTuple, Sequence
 import cv2
 import numpy as np
 
-from .utils import SppdetError, atomic_path, file_digest, get_logger, stable_hash, write_json_atomic
+from .utils import SppdetError, atomic_path, content_digest, file_digest, get_logger, stable_hash, \
+    write_json_atomic
 from .voc import load_image
 
 MODES = ("fast", "quality", "opencv_fast", "opencv_quality")
@@ -700,7 +701,7 @@ def _space_features(image: np.ndarray, colour: bool, texture: bool) -> tuple:
 
 def ranked_search(image: np.ndarray, spaces: Sequence[str], ks: Sequence[int],
                   strategies: Sequence[str], rng: np.random.Generator,
-                  threads: int | None = 1, reference: bool = False) -> np.ndarray:
+                  threads: int | None = 1, reference: bool = False, progress: bool = False) -> np.ndarray:
     """Selective search over colour spaces x ks x strategies on a BGR uint8 image, pooled and
     ranked as the original (`rank_boxes`). Boxes (N, 4) xyxy inclusive float64, unfiltered.
 
@@ -711,9 +712,14 @@ def ranked_search(image: np.ndarray, spaces: Sequence[str], ks: Sequence[int],
     `group_hierarchies`) of all the segmentations ready so far. The boxes do not depend on
     `threads`.
     reference: OpenCV's strategy objects do the grouping, in this thread (slow; the same boxes).
+    progress: a bar over the segmentations grouped.
     """
+    from tqdm import tqdm
+
     colours = {space: colour_image(image, space) for space in spaces}
     order = [(k, space) for k in ks for space in spaces]  # the original's loop order
+    bar = tqdm(total=len(order), desc=f"selective search {image.shape[1]}x{image.shape[0]}", unit="seg",
+               leave=False, disable=not progress)
     if reference:
         hierarchies = []
         for k, space in order:
@@ -728,6 +734,7 @@ def ranked_search(image: np.ndarray, spaces: Sequence[str], ks: Sequence[int],
                     for k, space in order]
         merged = iter(group_hierarchies([g for groupings, _ in prepared for g in groupings]))
         results = [[next(merged) for _ in groupings] for groupings, _ in prepared]
+        bar.update(len(order))
     else:
         from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -752,6 +759,8 @@ def ranked_search(image: np.ndarray, spaces: Sequence[str], ks: Sequence[int],
                 merged = iter(group_hierarchies([g for i in wave for g in prepared[i][0]]))
                 for i in wave:
                     results[i] = [next(merged) for _ in prepared[i][0]]
+                bar.update(len(wave))
+    bar.close()
     hierarchies = []
     for (groupings, blobs), merged in zip(prepared, results):
         hierarchies += _as_hierarchies(merged, blobs)
@@ -814,13 +823,23 @@ def _check_params(mode: str, max_boxes: int | None, min_size: int, resize: int |
         raise SppdetError(f"proposal resize must be a positive integer or None, got {resize!r}")
 
 
-def search_image(image: np.ndarray, resize: int | None) -> np.ndarray:
+def search_scale(shape: tuple[int, ...], resize: int | None, max_side: int | None = None) -> float:
+    """The factor `search_image` resizes an image of `shape` by."""
+    height, width = shape[:2]
+    scale = 1.0 if resize is None else resize / min(height, width)
+    if max_side is not None and max(height, width) * scale > max_side:
+        scale = max_side / max(height, width)
+    return scale
+
+
+def search_image(image: np.ndarray, resize: int | None, max_side: int | None = None) -> np.ndarray:
     """The copy of a BGR image the search runs on: short side `resize` px (INTER_AREA when
-    shrinking, INTER_LINEAR when enlarging), or the image itself (None, or already that size)."""
-    height, width = image.shape[:2]
-    if resize is None or resize == min(height, width):
+    shrinking, INTER_LINEAR when enlarging), or the image itself (None, or already that size);
+    its long side capped at `max_side` (None: no cap), which bounds the search time."""
+    scale = search_scale(image.shape, resize, max_side)
+    if scale == 1.0:
         return image
-    scale = resize / min(height, width)
+    height, width = image.shape[:2]
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(image, size, interpolation=interp)
@@ -828,12 +847,15 @@ def search_image(image: np.ndarray, resize: int | None) -> np.ndarray:
 
 def selective_search(image: np.ndarray, mode: str = "fast", max_boxes: int | None = 2000,
                      min_size: int = 20, resize: int | None = None, seed: int = 0,
-                     threads: int | None = None, reference: bool = False) -> np.ndarray:
+                     threads: int | None = None, reference: bool = False,
+                     max_side: int | None = None, progress: bool | None = None) -> np.ndarray:
     """Selective search boxes for one BGR uint8 image (H, W, 3), best-ranked first.
 
     resize: search on a copy whose short side is `resize` px (None: the original size, as the
-    paper); boxes are mapped back to the original pixels and clipped. min_size (original pixels)
-    and max_boxes are applied after the mapping, as the original filters after rescaling.
+    paper); max_side caps that copy's long side (a note says so); boxes are mapped back to the
+    original pixels and clipped. min_size (original pixels) and max_boxes are applied after the
+    mapping, as the original filters after rescaling. progress: a bar over the segmentations
+    (None: for a search of over 2 megapixels, which takes a while).
     threads: our modes' segmentations run in a thread pool of this size (None:
     `default_threads()`: up to 4 alone, 1 in compute_proposals' process pool); the boxes do not
     depend on it. reference: group with OpenCV's strategy objects (slow; the same boxes).
@@ -843,13 +865,18 @@ def selective_search(image: np.ndarray, mode: str = "fast", max_boxes: int | Non
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a BGR uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     height, width = image.shape[:2]
-    work = search_image(image, resize)
+    work = search_image(image, resize, max_side)
+    if search_scale(image.shape, resize, max_side) != search_scale(image.shape, resize):
+        get_logger().info(f"proposals: a {width}x{height} image is searched at {work.shape[1]}x{work.shape[0]} "
+                          f"(proposals.max_side {max_side})")
+    if progress is None:
+        progress = work.shape[0] * work.shape[1] > 2_000_000
     if mode.startswith("opencv_"):
         boxes = _stock_boxes(work, mode, seed)
     else:
         spaces, ks, strategies = _CONFIGS[mode]
         boxes = ranked_search(work, spaces, ks, strategies, np.random.default_rng(seed),
-                              threads=threads, reference=reference)
+                              threads=threads, reference=reference, progress=progress)
     if work is not image:
         # Map pixel edges: pixels x1..x2 of the search image span [x1, x2 + 1) there.
         sx, sy = width / work.shape[1], height / work.shape[0]
@@ -921,9 +948,13 @@ class ProposalRun:
     cache_dir: Path | None = None     # folder of this parameter set's cache files
 
 
-def _params(mode: str, max_boxes: int | None, min_size: int, resize: int | None, seed: int) -> dict:
-    return {"mode": mode, "max_boxes": max_boxes, "min_size": min_size, "resize": resize,
-            "seed": seed, "sigma": SIGMA, "code_version": CODE_VERSION, "opencv": cv2.__version__}
+def _params(mode: str, max_boxes: int | None, min_size: int, resize: int | None, seed: int,
+            max_side: int | None = None) -> dict:
+    out = {"mode": mode, "max_boxes": max_boxes, "min_size": min_size, "resize": resize,
+           "seed": seed, "sigma": SIGMA, "code_version": CODE_VERSION, "opencv": cv2.__version__}
+    if max_side is not None:  # absent when unset, so the caches made before it stay valid
+        out["max_side"] = max_side
+    return out
 
 
 def _cache_file(folder: Path, image_id: str, digest: str) -> Path:
@@ -940,9 +971,12 @@ def _load_cached(path: Path, key: str):
     try:
         with np.load(path, allow_pickle=False) as z:
             boxes, seconds, stored = z["boxes"], float(z["seconds"]), str(z["key"])
+            digest = str(z["digest"]) if "digest" in z.files else None
         if stored != key or boxes.dtype != np.float32 or boxes.ndim != 2 or boxes.shape[1] != 4 \
                 or not np.isfinite(boxes).all():
             raise ValueError("contents do not match")
+        if digest != content_digest(boxes):
+            raise ValueError("the boxes do not match their digest")
     except Exception as e:  # any unreadable cache file is recomputed, never trusted
         get_logger().warning(f"proposals: ignoring bad cache file {path} ({e})")
         return None
@@ -952,7 +986,8 @@ def _load_cached(path: Path, key: str):
 def _save_cached(path: Path, key: str, boxes: np.ndarray, seconds: float) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-            np.savez(f, boxes=boxes, seconds=np.float64(seconds), key=np.str_(key))
+            np.savez(f, boxes=boxes, seconds=np.float64(seconds), key=np.str_(key),
+                     digest=np.str_(content_digest(boxes)))
 
 
 def _init_worker() -> None:
@@ -966,7 +1001,8 @@ def _search_task(task: tuple) -> tuple:
     start = time.perf_counter()
     try:
         boxes = selective_search(load_image(path), params["mode"], params["max_boxes"],
-                                 params["min_size"], params["resize"], params["seed"])
+                                 params["min_size"], params["resize"], params["seed"],
+                                 max_side=params.get("max_side"))
     except Exception as e:  # one bad image must not stop the run; the caller logs it
         return image_id, None, 0.0, f"{type(e).__name__}: {e}".strip()
     return image_id, boxes, time.perf_counter() - start, None
@@ -991,21 +1027,22 @@ def compute_proposals_with_stats(items: Iterable, mode: str = "fast", max_boxes:
                                  min_size: int = 20, resize: int | None = None,
                                  cache_dir: str | os.PathLike | None = None, workers: int = 1,
                                  seed: int = 0, rebuild: bool = False,
-                                 progress: bool = True) -> ProposalRun:
+                                 progress: bool = True, max_side: int | None = None) -> ProposalRun:
     """Selective search over many images, cached per image and computed in a process pool.
 
     items: ImageRecords (anything with .image_id and .path) or (image_id, image_path) pairs.
     cache_dir: None = no cache. Files live in ``cache_dir/<mode>-<hash>/<id>-<digest>.npz``: the
     hash covers every parameter, CODE_VERSION and the OpenCV version, the digest is the image
     file's content, so a changed parameter or image is recomputed, never read stale; a corrupt
-    file is recomputed. Rerunning computes only what is missing. rebuild: ignore existing files.
-    workers: processes (0 or 1: in this process).
+    file (unreadable, or boxes not matching their stored digest) is recomputed with a warning.
+    Rerunning computes only what is missing. rebuild: ignore existing files.
+    workers: processes (0 or 1: in this process). max_side: see `selective_search`.
     A failing image (unreadable, OpenCV error) is logged with its id, gets a (0, 4) array, is
     listed in `failures` and is not cached, so a rerun tries it again.
     """
     _check_params(mode, max_boxes, min_size, resize)
     pairs = _as_pairs(items)
-    params = _params(mode, max_boxes, min_size, resize, seed)
+    params = _params(mode, max_boxes, min_size, resize, seed, max_side)
     log = get_logger()
     folder = None
     if cache_dir is not None:
@@ -1065,11 +1102,11 @@ def compute_proposals(items: Iterable, mode: str = "fast", max_boxes: int | None
                       min_size: int = 20, resize: int | None = None,
                       cache_dir: str | os.PathLike | None = None, workers: int = 1,
                       seed: int = 0, rebuild: bool = False,
-                      progress: bool = True) -> dict[str, np.ndarray]:
+                      progress: bool = True, max_side: int | None = None) -> dict[str, np.ndarray]:
     """image id -> (N, 4) float32 proposals; see `compute_proposals_with_stats` for the rest.
     A failed image maps to an empty (0, 4) array (and is logged)."""
     return compute_proposals_with_stats(items, mode, max_boxes, min_size, resize, cache_dir,
-                                        workers, seed, rebuild, progress).boxes
+                                        workers, seed, rebuild, progress, max_side).boxes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1111,3 +1148,30 @@ def proposal_recall(records: Sequence, proposals: dict[str, np.ndarray],
     out["num_gt"] = int(len(best))
     out["num_images"] = len(counts)
     return out
+
+
+def report_split(voc_root, year: str = "2007", split: str = "test", classes: Sequence[str] | None = None,
+                 mode: str = "fast", max_boxes: int | None = 2000, min_size: int = 20, resize: int | None = 500,
+                 max_side: int | None = None, cache_dir=None, workers: int = 1, rebuild: bool = False,
+                 compare_stock: bool = False) -> dict:
+    """scripts/proposals.py: proposals of a VOC-format split (computed or read from the cache) and
+    their quality (`proposal_recall`), plus "seconds_per_image" (the search's wall-clock time per
+    image in the process that searched it, stored with the cache) and, with `compare_stock`, ours
+    against OpenCV's stock fast mode side by side on the same resized images (`time_against_stock`).
+    classes: None reads the classes the annotations name."""
+    from .voc import VOCDataset, annotation_classes
+
+    classes = tuple(classes) if classes else annotation_classes(voc_root, year, split)
+    dataset = VOCDataset(voc_root, year, split, classes=classes or ("object",), other_classes="ignore")
+    dataset.check_not_empty()
+    run = compute_proposals_with_stats(dataset.records, mode=mode, max_boxes=max_boxes, min_size=min_size,
+                                       resize=resize, cache_dir=cache_dir, workers=workers, rebuild=rebuild,
+                                       max_side=max_side)
+    stats = proposal_recall(dataset.records, run.boxes)
+    seconds = list(run.seconds.values())
+    stats.update(seconds_per_image=float(np.mean(seconds)) if seconds else float("nan"), run=run,
+                 classes=classes, images=len(dataset))
+    if compare_stock:
+        stats["stock"] = time_against_stock([load_image(r.path) for r in dataset.records], mode=mode,
+                                            resize=resize, max_boxes=max_boxes, min_size=min_size)
+    return stats

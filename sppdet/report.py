@@ -163,7 +163,7 @@ def benchmark_proposals(records, cfg, max_boxes: int, cache_dir: str | Path):
 
     p = cfg.proposals
     run = compute_proposals_with_stats(records, mode=p.mode, max_boxes=max_boxes, min_size=p.min_size,
-                                       resize=p.resize, cache_dir=cache_dir, workers=p.workers)
+                                       resize=p.resize, cache_dir=cache_dir, workers=p.workers, max_side=p.max_side)
     for rec in records:
         if rec.image_id in run.failures:
             raise SppdetError(f"{rec.path}: selective search failed ({run.failures[rec.image_id]})")
@@ -296,7 +296,7 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
             t_ss, t_net = Timer(device), Timer(device)
             with t_ss:
                 found = selective_search(image, mode=p.mode, max_boxes=max_proposals, min_size=p.min_size,
-                                         resize=p.resize)
+                                         resize=p.resize, max_side=p.max_side)
             with t_net:
                 detectors["spp_1scale"].detect(image, found, **options)
             e2e.append((t_ss.total, t_net.total))

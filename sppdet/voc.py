@@ -65,6 +65,20 @@ def read_split(folder: Path, split: str) -> list[str]:
     return ids
 
 
+def annotation_classes(root: str | Path, year: str = "2007", split: str = "trainval") -> tuple[str, ...]:
+    """The class names the annotations of a split use, sorted: what to read a VOC-format dataset
+    of unknown classes with."""
+    folder = find_devkit_folder(root, year)
+    names = set()
+    for image_id in read_split(folder, split):
+        xml_path = folder / "Annotations" / f"{image_id}.xml"
+        try:
+            names.update(n.text.strip() for n in ET.parse(xml_path).getroot().iterfind("object/name") if n.text)
+        except (ET.ParseError, OSError) as e:
+            raise SppdetError(f"{xml_path}: malformed annotation XML ({e})") from None
+    return tuple(sorted(names))
+
+
 def _text(elem: ET.Element, tag: str, where: str) -> str:
     child = elem.find(tag)
     if child is None or child.text is None or not child.text.strip():

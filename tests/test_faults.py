@@ -291,3 +291,46 @@ def test_dangling_links_and_subfolders_in_a_detect_folder(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "note: skipped 2 non-image path(s)" in proc.stdout and "gone.jpg (dangling link)" in proc.stdout
     assert (tmp_path / "out" / "sub" / "a.json").is_file()  # subfolders are followed
+
+
+def test_a_huge_image_is_searched_at_a_capped_size_with_a_note(sppdet_log):
+    from sppdet.proposals import selective_search
+
+    rng = np.random.default_rng(0)
+    image = cv2.resize(rng.integers(0, 255, (30, 45, 3), dtype=np.uint8), (1800, 1200),
+                       interpolation=cv2.INTER_NEAREST)  # big flat blocks: a quick search
+    boxes = selective_search(image, max_boxes=200, min_size=20, resize=None, max_side=300, threads=1)
+    assert any("a 1800x1200 image is searched at 300x200 (proposals.max_side 300)" in m for m in sppdet_log)
+    assert len(boxes) and boxes[:, 2].max() > 1500 and boxes[:, 3].max() > 1000  # in the image's pixels
+
+
+def test_a_garbled_proposal_cache_file_is_recomputed(tmp_path, sppdet_log):
+    from sppdet.proposals import compute_proposals
+
+    image = tmp_path / "a.png"
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 255, (60, 80, 3), np.uint8))
+    first = compute_proposals([("a", image)], max_boxes=50, min_size=4, cache_dir=tmp_path / "cache")["a"]
+    [npz] = list((tmp_path / "cache").rglob("a-*.npz"))
+    with np.load(npz) as z:
+        parts = {k: z[k] for k in z.files}
+    parts["boxes"] = parts["boxes"] + 1  # valid file, changed content, the old digest
+    with open(npz, "wb") as f:
+        np.savez(f, **parts)
+    again = compute_proposals([("a", image)], max_boxes=50, min_size=4, cache_dir=tmp_path / "cache")["a"]
+    assert np.array_equal(again, first)
+    assert any("ignoring bad cache file" in m and "digest" in m for m in sppdet_log)
+
+
+def test_proposals_script_reads_any_voc_dataset(shared, reference, tmp_path):
+    data = shared / "data"
+    script = [sys.executable, str(REPO / "scripts" / "proposals.py"), "--voc-root", str(data), "--split", "test",
+              "--resize", "0", "--min-size", "8", "--max-boxes", "60", "--workers", "0",
+              "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "of 5 classes" in proc.stdout and "recall@0.5" in proc.stdout
+    assert "wall clock of each image's search" in proc.stdout
+    proc = subprocess.run(script + ["--classes", "disk,ring"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "of 2 classes" in proc.stdout
+    proc = subprocess.run(script + ["--config", "demo"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "of 5 classes" in proc.stdout
