@@ -219,6 +219,9 @@ def format_benchmark(result: dict) -> str:
         "",
         f"one detect.py call per image (SPP 1-scale, default head): proposals {e['proposals_s']:.3f} + network "
         f"and NMS {e['network_s']:.3f} = {e['total_s']:.3f} s (wall clock, imports excluded)",
+        f"selective search, side by side on the same resized images: ours {result['selective_search']['ours_per_image']:.2f} s, "
+        f"OpenCV's stock fast mode {result['selective_search']['stock_per_image']:.2f} s per image "
+        f"(ratio {result['selective_search']['ratio']:.3f})",
         f"peak resident memory: {result['peak_memory_mb']:.0f} MiB",
         "conv includes resize + preprocessing (R-CNN: crop + warp of each window); total = the detector's "
         "whole time per image, NMS and box regression included, proposals not.",
@@ -238,7 +241,7 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
     image (fresh selective search + network + NMS) -> the figures."""
     from .config import load_config, resolve
     from .inference import detect_options, describe_head
-    from .proposals import selective_search
+    from .proposals import selective_search, time_against_stock
     from .utils import pick_device
     from .voc import VOCDataset, load_image
 
@@ -300,6 +303,8 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
             with t_net:
                 detectors["spp_1scale"].detect(image, found, **options)
             e2e.append((t_ss.total, t_net.total))
+        ss = time_against_stock([load_image(r.path) for r in records], mode=p.mode, resize=p.resize,
+                                max_boxes=max_proposals, min_size=p.min_size)
 
     methods = {name: {**per_image(s), "images": len(s),
                       "windows_per_image": float(np.mean([total for _, _, total in s]))}
@@ -331,6 +336,7 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
         "end_to_end": {"proposals_s": float(np.mean([a for a, _ in e2e])),
                        "network_s": float(np.mean([b for _, b in e2e])),
                        "total_s": float(np.mean([a + b for a, b in e2e]))},
+        "selective_search": {k: v for k, v in ss.items() if not isinstance(v, list)},
         "peak_memory_mb": peak_memory_mb(),
         "rcnn": {"images": n_rcnn, "input_size": m.rcnn_input_size, "context": m.rcnn_context,
                  "windows_timed": rcnn_windows if extrapolated else "all", "extrapolated": extrapolated},

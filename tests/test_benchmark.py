@@ -103,6 +103,8 @@ def test_benchmark_end_to_end(tmp_path):
     e = result["end_to_end"]
     assert e["total_s"] == pytest.approx(e["proposals_s"] + e["network_s"]) and e["proposals_s"] > 0
     assert result["peak_memory_mb"] > 100
+    ss = result["selective_search"]
+    assert ss["images"] == 2 and ss["ratio"] == pytest.approx(ss["ours_per_image"] / ss["stock_per_image"])
     assert methods["spp_1scale"]["warp_s"] == 0 and 0 < methods["rcnn"]["warp_s"] <= methods["rcnn"]["conv_s"]
     for name in ("spp_1scale", "spp_5scale"):
         for part in ("conv", "total"):
