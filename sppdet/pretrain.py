@@ -357,7 +357,11 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
             save_verified({"key": key, "epoch": epoch + 1, "history": history, "model": model.state_dict(),
                            "optimizer": optimizer.state_dict(), "torch_rng": rng_states}, snapshot_path)
         ddp.barrier()
+    if p.batch_norm:
+        recalibrate_batch_norm(model, data, loader, cfg, device, ddp)
     if ddp.world > 1:  # every process must end with the same weights
+        for buffer in model.buffers():  # batch-norm statistics are per process: take rank 0's
+            dist.broadcast(buffer, src=0)
         digests = [None] * ddp.world
         dist.all_gather_object(digests, content_digest(model.state_dict()))
         if len(set(digests)) != 1:
@@ -376,6 +380,29 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
         logger.info(format_errors(metrics, f"pretrain {cfg.run.name}"))
     ddp.barrier()
     return metrics
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: SPPClassifier, data: TrainImages, loader, cfg: Config, device: torch.device,
+                           ddp: Dist, batches: int = 50) -> None:
+    """Re-estimate the batch-norm statistics at the crop size (the size the folded weights will
+    see most): multi-size training leaves those of its last epoch's size. A cumulative average
+    over `batches` training batches (augmented as in training, drawn for epoch index `epochs`)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    data.epoch, data.size = cfg.pretrain.epochs, cfg.pretrain.crop
+    loader.sampler.set_epoch(cfg.pretrain.epochs)
+    model.train()
+    for step, (images, _) in enumerate(loader):
+        if step == batches:
+            break
+        model(model.backbone.preprocess(images).to(device))
+    model.eval()
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
