@@ -80,3 +80,27 @@ def tiny(out: Path, *extra: str, shared: Path | None = None):
     data = [] if shared is None else [f"data.root={shared / 'data'}", "data.synthetic_trainval=12",
                                       "data.synthetic_test=6", f"proposals.cache_dir={shared / 'proposals'}"]
     return load_config("demo", data + speed + list(extra))
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny networks on two busy shared cores: OpenMP barriers in every small op cost more than
+    the arithmetic, so these tests run torch on one thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def keep_torch_threads():
+    """run.threads sets torch's threads process-wide: give the next module its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Path:
+    """A folder the tests of a module share (synthetic data, proposal cache)."""
+    return tmp_path_factory.mktemp("shared")

@@ -26,16 +26,7 @@ from sppdet.utils import SppdetError, load_verified
 from test_checkpoint import garble_largest_member
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()  # run.threads sets them process-wide
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("shared")
+pytestmark = pytest.mark.usefixtures("keep_torch_threads")
 
 
 NO_RCNN = ("run.compare_rcnn=false",)

@@ -125,14 +125,7 @@ def synthetic_images(folder, n: int = 4):
     return paths, windows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These networks are tiny: on two busy shared cores, OpenMP barriers in every small op cost
-    more than the arithmetic (60 iterations: ~7 s with two threads, 0.3 s with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_detector(seed: int = 0, dropout: float = 0.5, scales=(128,)) -> Detector:

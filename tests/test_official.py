@@ -28,12 +28,7 @@ from sppdet.svm import SVMTrainer, conv5_keys, scale_sample_rows, train_svms
 from sppdet.voc import ImageRecord
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_detector(seed: int = 0, **features) -> Detector:

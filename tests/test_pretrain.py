@@ -25,12 +25,7 @@ from sppdet.synthetic import ensure_classification_set
 from sppdet.utils import load_verified
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_folded_batch_norm_computes_what_the_trained_net_does():
