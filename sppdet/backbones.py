@@ -23,9 +23,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from .utils import SppdetError
 
@@ -191,7 +189,12 @@ class _TorchvisionBackbone(Backbone):
     bgr = False
     mean = tuple(255 * m for m in IMAGENET_MEAN_RGB)
     std = tuple(255 * s for s in IMAGENET_STD_RGB)
-    weights_enum: type  # torchvision WeightsEnum with IMAGENET1K_V1
+    weights_name: str  # the torchvision.models WeightsEnum with IMAGENET1K_V1
+
+    @property
+    def weights_enum(self):
+        import torchvision  # only the torchvision trunks import it: ZF-5 detection starts faster
+        return getattr(torchvision.models, self.weights_name)
 
 
 # ----------------------------------------------------------------------------- ZF-5
@@ -340,9 +343,10 @@ class AlexNetTrunk(_FeaturesTrunk):
     """torchvision AlexNet `features` up to conv5's ReLU (the last max-pool dropped): stride 16,
     256 channels, center0 15, receptive field 163; 224 -> 13x13."""
 
-    weights_enum = torchvision.models.AlexNet_Weights
+    weights_name = "AlexNet_Weights"
 
     def __init__(self) -> None:
+        import torchvision
         super().__init__("alexnet", 256, torchvision.models.alexnet(weights=None).features)
 
 
@@ -350,9 +354,10 @@ class VGG16Trunk(_FeaturesTrunk):
     """torchvision VGG16 `features` up to conv5_3's ReLU (pool5 dropped): stride 16, 512
     channels, center0 7.5, receptive field 196; 224 -> 14x14."""
 
-    weights_enum = torchvision.models.VGG16_Weights
+    weights_name = "VGG16_Weights"
 
     def __init__(self) -> None:
+        import torchvision
         super().__init__("vgg16", 512, torchvision.models.vgg16(weights=None).features)
 
 
@@ -361,11 +366,13 @@ class ResNet50C4(_TorchvisionBackbone):
     field 267; 224 -> 14x14. BatchNorm is frozen (FrozenBatchNorm2d): the trunk is never trained
     here, and train() on the detector must not touch its statistics."""
 
-    weights_enum = torchvision.models.ResNet50_Weights
+    weights_name = "ResNet50_Weights"
 
     def __init__(self) -> None:
         super().__init__()
         self.name, self.out_channels = "resnet50", 1024
+        import torchvision
+        from torchvision.ops import FrozenBatchNorm2d
         net = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
         for key in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"):
             setattr(self, key, getattr(net, key))  # same names as torchvision: same state-dict keys

@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou, nms as _tv_nms
 
 
 def _as_tensor(x) -> tuple[torch.Tensor, bool]:
@@ -39,7 +38,10 @@ def iou(boxes_a, boxes_b):
     b, _ = _as_tensor(boxes_b)
     a = a.to(torch.float64)
     b = b.to(torch.float64)
-    out = box_iou(_exclusive(a), _exclusive(b))
+    wh = (torch.minimum(a[:, None, 2:], b[None, :, 2:]) - torch.maximum(a[:, None, :2], b[None, :, :2]) + 1).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a, area_b = (widths_heights(a)).prod(1), (widths_heights(b)).prod(1)
+    out = inter / (area_a[:, None] + area_b[None, :] - inter)
     return _back(out.to(torch.float32), was_numpy)
 
 
@@ -203,6 +205,8 @@ def _float64_exact(coords: np.ndarray, offset: float = 0.0) -> bool:
 
 # torchvision's own switch from one call with per-class offsets to a loop over classes
 _ONE_CALL_MAX_BOXES = 1000
+# below this many boxes the exact greedy loop runs instead of torchvision (identical results)
+_EXACT_LOOP_MAX_BOXES = 64
 
 
 def nms_per_class(boxes, scores, labels, iou_threshold: float):
@@ -234,7 +238,17 @@ def nms_per_class(boxes, scores, labels, iou_threshold: float):
     n = len(b)
     if n == 0:
         keep = np.zeros(0, np.int64)
+    elif n <= _EXACT_LOOP_MAX_BOXES:  # few boxes: the exact loop is as fast (and needs no torchvision)
+        order = _nms_order(s)
+        mask = np.zeros(n, bool)
+        for c in np.unique(lab):
+            pos = np.flatnonzero(lab[order] == c)
+            mask[pos[_greedy_exact(b[order][pos], thr)]] = True
+        keep = order[np.flatnonzero(mask)]
     else:
+        from torchvision.ops import nms as _tv_nms  # here: its import costs seconds
+
+
         order = _nms_order(s)
         b = b[order]
         classes, inv = np.unique(lab[order], return_inverse=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchvision.ops import roi_align
 
 from .features import WindowFeatures, timed
 from .spp import spp_pool_maps
@@ -39,6 +38,8 @@ def warp_windows(image: torch.Tensor, boxes: torch.Tensor, input_size: int, cont
     continuous point x1 + (j + 0.5) (x2 - x1) / S. Samples outside the image [0, W) x [0, H)
     read 0, i.e. the mean after preprocessing: R-CNN pads with the mean as well.
     """
+    from torchvision.ops import roi_align  # here: SPP-net detection never imports torchvision
+
     rois = context_boxes(boxes, input_size, context)
     crops = roi_align(image[None], torch.cat([rois.new_zeros(len(rois), 1), rois], 1),
                       output_size=input_size, spatial_scale=1.0, sampling_ratio=1, aligned=True)

@@ -17,6 +17,13 @@ from sppdet.boxes import nms_exact, nms_per_class
 # reference
 
 
+
+@pytest.fixture(autouse=True)
+def torchvision_path_for_small_inputs(monkeypatch):
+    """These tests check nms_per_class's torchvision path on small hand-made cases: below
+    _EXACT_LOOP_MAX_BOXES boxes it would run the exact loop instead (the same results)."""
+    monkeypatch.setattr(box_ops, "_EXACT_LOOP_MAX_BOXES", 0)
+
 def reference_nms_mex(boxes, scores, thr):
     """nms_mex.cpp in plain Python floats (double): the remaining boxes sorted by (score,
     index) ascending, as the std::multimap holds them (equal keys in insertion order); pick the
@@ -283,3 +290,15 @@ def test_arbitrary_doubles_take_the_exact_loop():
     with pytest.MonkeyPatch.context() as m:  # what skipping the check would give
         m.setattr(box_ops, "_float64_exact", lambda *args, **kwargs: True)
         assert all_ways([a, b], [0.9, 0.8], [1, 1], thr) == [0]
+
+
+
+def test_few_boxes_run_the_exact_loop_with_the_same_result(monkeypatch):
+    rng = np.random.default_rng(5)
+    xy = rng.integers(0, 50, (40, 2))
+    boxes = np.concatenate([xy, xy + rng.integers(5, 30, (40, 2))], 1).astype(np.float32)
+    scores, labels = rng.integers(0, 6, 40).astype(np.float32), rng.integers(0, 3, 40)
+    fast = box_ops.nms_per_class(boxes, scores, labels, 0.3)
+    monkeypatch.setattr(box_ops, "_EXACT_LOOP_MAX_BOXES", 64)
+    monkeypatch.setattr(box_ops, "_float64_exact", lambda *a, **k: pytest.fail("torchvision path taken"))
+    assert box_ops.nms_per_class(boxes, scores, labels, 0.3).tolist() == fast.tolist()
