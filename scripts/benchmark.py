@@ -5,6 +5,7 @@ weights, and print the paper's Table 10 layout (He et al., TPAMI 2015) for this 
         [--max-proposals 2000] [--config NAME] [--set KEY=VALUE ...] [--rcnn-images 1]
         [--rcnn-windows N] [--device auto|cpu|cuda] [--threads N] [--proposal-cache DIR]
         [--json OUT]
+    python scripts/benchmark.py --heads runs/demo/model.pt [--split test] [--json OUT]
 
 Without --voc-root it times the embedded synthetic dataset (generated into data/synthetic on
 first use); the README's figures use the genuine photographs: --voc-root ../shared/data/voc07-mini.
@@ -50,12 +51,22 @@ def parse_args(argv):
                    help="torch CPU threads (default: the config's run.threads, else torch's default)")
     p.add_argument("--proposal-cache", default=None,
                    help="selective search cache folder (default: the config's proposals.cache_dir)")
+    p.add_argument("--heads", default=None, metavar="CHECKPOINT",
+                   help="instead: every fc head variant of this trained checkpoint on its test split "
+                        "(mAP, seconds per image, largest score difference against the exact head)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.heads:
+        from sppdet.report import compare_heads, format_heads
+        result = compare_heads(args.heads, args.split, args.device or "auto")
+        print(format_heads(result))
+        if args.json:
+            write_json_atomic(args.json, result)
+        return 0
     from sppdet.report import format_benchmark, run_benchmark
     result = run_benchmark(args.voc_root, args.year, args.split, args.images, args.max_proposals, args.config,
                            args.set, args.rcnn_images, args.rcnn_windows, args.device, args.threads,

@@ -344,3 +344,58 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
                  "detector time with NMS and box regression (nms_s), without proposals (proposal_s); "
                  "heads: fc time of each head variant on the same pooled features, and the total with it",
     }
+
+
+def compare_heads(checkpoint: str | Path, split: str = "test", device: str = "auto") -> dict:
+    """Every fc head variant of a trained detector on a split of its dataset, against the exact
+    one: {variant: {"map", "fc_s" (fc6 + fc7 + SVM seconds per image), "total_s" (the detector's
+    seconds per image), "max_score_diff" (the largest |score - exact score| over every window
+    and class), "ranks"}}; what README's head table holds (`scripts/benchmark.py --heads`)."""
+    import copy
+
+    from .checkpoint import load_checkpoint, read_checkpoint
+    from .heads import LowRankLinear
+    from .inference import detect_split, for_test, load_datasets, proposals_for, resolve_precision, score_detections
+    from .evaluation import collect_detections
+    from .utils import pick_device
+    from .voc import load_image
+
+    device = pick_device(device, key="--device")
+    exact, cfg, classes = load_checkpoint(checkpoint, device)
+    stored = read_checkpoint(checkpoint).get("compressed")
+    [dataset] = load_datasets(cfg, [split])
+    proposals = proposals_for(cfg, dataset)
+    test = dataclasses.replace(cfg.test, exact=False)
+    svd_model, _ = for_test(copy.deepcopy(exact), dataclasses.replace(cfg, test=test), stored)
+    bf16 = resolve_precision("bf16", device)
+    variants = {"exact": (exact, "fp32"), "bf16": (exact, bf16), "svd": (svd_model, "fp32"),
+                "svd_bf16": (svd_model, bf16)}
+    out = {}
+    reference = {}
+    with torch.no_grad():
+        for rec in dataset:  # the exact scores of every window, once
+            pooled = exact.features(load_image(rec.path), proposals[rec.image_id])
+            reference[rec.image_id] = (pooled, exact.svm(exact.fc7(pooled)))
+    for name, (det, precision) in variants.items():
+        vcfg = dataclasses.replace(cfg, test=dataclasses.replace(test, precision=precision, exact=False))
+        results, times = detect_split(det, dataset, proposals, vcfg, desc=f"detect ({name})")
+        detections = collect_detections(((i, d.boxes, d.scores, d.labels) for i, d in results.items()), classes)
+        diff = 0.0
+        with torch.no_grad():
+            for pooled, scores in reference.values():
+                diff = max(diff, float((det.svm(det.fc7(pooled, precision)) - scores).abs().max()) if len(pooled) else 0.0)
+        ranks = {n: layer.rank for n in ("fc6", "fc7") for layer in [getattr(det.head, n)]
+                 if isinstance(layer, LowRankLinear)}
+        out[name] = {"map": score_detections(dataset, detections, cfg.test.metric)["map"], "fc_s": times["fc_s"],
+                     "total_s": times["total_s"], "max_score_diff": diff, "ranks": ranks, "precision": precision}
+    return out
+
+
+def format_heads(result: dict) -> str:
+    lines = [f"{'head':<10s} {'precision':>9s} {'SVD ranks':>14s} {'mAP':>6s} {'fc s/img':>9s} {'total s/img':>12s} "
+             f"{'max |score diff|':>17s}"]
+    for name, r in result.items():
+        ranks = ", ".join(f"{k} {v}" for k, v in r["ranks"].items()) or "-"
+        lines.append(f"{name:<10s} {r['precision']:>9s} {ranks:>14s} {100 * r['map']:6.1f} {r['fc_s']:9.4f} "
+                     f"{r['total_s']:12.4f} {r['max_score_diff']:17.4f}")
+    return "\n".join(lines)

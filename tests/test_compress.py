@@ -125,3 +125,22 @@ def test_checkpoints_store_the_compression_and_exact_is_one_switch_away(tmp_path
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "compress.py"), str(path), "--svd-fc6", "-1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: --svd-fc6 must be >= 0")
+
+
+def test_head_variants_of_a_trained_detector(tmp_path):
+    """scripts/benchmark.py --heads: every variant's mAP, time and largest score difference."""
+    from conftest import tiny
+    from sppdet.engine import run_training
+    from sppdet.report import compare_heads, format_heads
+
+    cfg = tiny(tmp_path, "run.compare_rcnn=false", "model.fc_dim=128", "test.svd_fc6=16", "test.svd_fc7=16",
+               shared=tmp_path)
+    metrics = run_training(cfg)
+    result = compare_heads(tmp_path / "demo" / "model.pt", device="cpu")
+    assert set(result) == {"exact", "bf16", "svd", "svd_bf16"}
+    assert result["exact"]["max_score_diff"] == 0.0 and result["exact"]["ranks"] == {}
+    assert result["svd"]["ranks"] == {"fc6": 16, "fc7": 16} and result["svd"]["max_score_diff"] > 0
+    # the training run evaluated the default head (SVD + bf16 where native, else SVD in fp32)
+    default = "svd_bf16" if result["svd_bf16"]["precision"] == "bf16" else "svd"
+    assert result[default]["map"] == pytest.approx(metrics["map"])
+    assert "max |score diff|" in format_heads(result)
