@@ -46,6 +46,7 @@ class DataConfig:
     synthetic_train_per_class: int = 400  # synthetic classification set (pretraining): train images per class [ours]
     synthetic_val_per_class: int = 50     # synthetic classification set: val images per class [ours]
     synthetic_image_size: int = 144       # synthetic classification set: image side in pixels [ours]
+    synthetic_background_class: bool = False  # synthetic classification set: a "background" class of clutter only [ours]
     max_images: int = 0                   # use only the first N images of each split (0 = all; smoke runs) [ours]
     damaged_images: str = "use"           # a truncated JPEG/PNG is named in one warning, then: use (what decodes) | skip [ours]
 

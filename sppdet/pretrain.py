@@ -266,12 +266,14 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
                     f"sppdet {__version__}, torch {torch.__version__}")
     root, d = resolve(cfg.data.root), cfg.data
     if d.synthetic and ddp.main:
-        from .synthetic import CLASSIFICATION_MARKER, ensure_classification_set
+        from .synthetic import CLASSIFICATION_CLASSES, CLASSIFICATION_MARKER, ensure_classification_set
         if root.is_dir() and any(root.iterdir()) and not (root / CLASSIFICATION_MARKER).exists():
             logger.info(f"data: {root} is not a generated classification set; using it as it is")
         else:
             ensure_classification_set(root, seed=d.synthetic_seed, train_per_class=d.synthetic_train_per_class,
-                                      val_per_class=d.synthetic_val_per_class, image_size=d.synthetic_image_size)
+                                      val_per_class=d.synthetic_val_per_class, image_size=d.synthetic_image_size,
+                                      classes=CLASSIFICATION_CLASSES + (("background",) if d.synthetic_background_class
+                                                                        else ()))
     ddp.barrier()
     classes, train_items = list_image_folder(root, "train")
     val_classes, val_items = list_image_folder(root, "val")

@@ -726,23 +726,28 @@ def _shape_alpha(family: str, rng: np.random.Generator, size: float, aspect: flo
 
 
 def render_example(rng: np.random.Generator, family: str, image_size: int, obj_range=(0.3, 0.85),
-                   clutter: int = 3, jitter: float = 0.15) -> np.ndarray:
+                   clutter: int = 3, jitter: float = 0.15, occluder: float = 0.3) -> np.ndarray:
     """One (image_size, image_size, 3) BGR uint8 image of `family` on clutter: diameter
     log-uniform in obj_range x image_size, aspect log-uniform in [1/1.7, 1.7], any rotation,
     centre within +-jitter x image_size of the middle; up to `clutter` smaller distractors behind
-    it, an occluder on its edge 30% of the time; blur and noise as the detection images."""
+    it, an occluder on its edge with probability `occluder`; blur and noise as the detection
+    images. family "background": clutter only, a few distractors and no main shape."""
     n = image_size
     scene = _Scene(_background(rng, n, n).astype(np.float32))
     size = _log_uniform(rng, obj_range[0] * n, obj_range[1] * n)
     for _ in range(int(rng.integers(0, clutter + 1))):
         _place_distractor(scene, rng, size * rng.uniform(0.2, 0.6), (rng.uniform(0, n), rng.uniform(0, n)))
-    cx, cy = n / 2 + rng.uniform(-jitter, jitter, 2) * n
-    alpha, x0, y0 = _shape_alpha(family, rng, size, _log_uniform(rng, 1 / 1.7, 1.7),
-                                 rng.uniform(0, 2 * np.pi), (cx, cy))
-    scene.paint(rng, alpha, x0, y0, owner=0)
-    if rng.random() < 0.3:
-        t, r = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.6) * size
-        _place_distractor(scene, rng, size * rng.uniform(0.3, 0.6), (cx + r * math.cos(t), cy + r * math.sin(t)))
+    if family == "background":
+        for _ in range(int(rng.integers(1, 4))):
+            _place_distractor(scene, rng, size * rng.uniform(0.3, 1.0), (rng.uniform(0, n), rng.uniform(0, n)))
+    else:
+        cx, cy = n / 2 + rng.uniform(-jitter, jitter, 2) * n
+        alpha, x0, y0 = _shape_alpha(family, rng, size, _log_uniform(rng, 1 / 1.7, 1.7),
+                                     rng.uniform(0, 2 * np.pi), (cx, cy))
+        scene.paint(rng, alpha, x0, y0, owner=0)
+        if rng.random() < occluder:
+            t, r = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 0.6) * size
+            _place_distractor(scene, rng, size * rng.uniform(0.3, 0.6), (cx + r * math.cos(t), cy + r * math.sin(t)))
     img = scene.canvas
     if rng.random() < 0.3:
         img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 0.9))
@@ -755,7 +760,8 @@ def _render_classification_chunk(task: tuple) -> int:
     folder = Path(root) / split / family
     for i in range(start, stop):
         rng = np.random.Generator(np.random.PCG64([p["seed"], 1000 + split_id, c, i]))
-        image = render_example(rng, family, p["image_size"], tuple(p["object_range"]), p["clutter"])
+        image = render_example(rng, family, p["image_size"], tuple(p["object_range"]), p["clutter"],
+                               occluder=p["occluder"])
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         if not ok:
             raise SppdetError(f"{folder}/{family}_{i:05d}.jpg: JPEG encoding failed")
@@ -765,17 +771,17 @@ def _render_classification_chunk(task: tuple) -> int:
 
 def classification_params(seed: int = 0, train_per_class: int = 400, val_per_class: int = 50,
                           image_size: int = 144, classes=CLASSIFICATION_CLASSES,
-                          object_range=(0.3, 0.85), clutter: int = 3) -> dict:
+                          object_range=(0.3, 0.85), clutter: int = 3, occluder: float = 0.3) -> dict:
     for key, v in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise SppdetError(f"classification set {key}: expected an integer >= 1, got {v!r}")
-    unknown = [c for c in classes if c not in CLASSIFICATION_CLASSES + HELDOUT_FAMILIES]
+    unknown = [c for c in classes if c not in CLASSIFICATION_CLASSES + HELDOUT_FAMILIES + ("background",)]
     if unknown:
         raise SppdetError(f"classification set: unknown families {unknown}")
     return {"format_version": CLASSIFICATION_FORMAT, "seed": int(seed), "classes": list(classes),
             "train_per_class": int(train_per_class), "val_per_class": int(val_per_class),
             "image_size": int(image_size), "object_range": [float(v) for v in object_range],
-            "clutter": int(clutter)}
+            "clutter": int(clutter), "occluder": float(occluder)}
 
 
 def ensure_classification_set(root: str | os.PathLike, workers: int = 2, progress: bool = True,
