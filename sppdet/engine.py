@@ -152,8 +152,9 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
     f = replace(f, train_conv=train_conv)
     # proposals.workers and cache_dir change where and how fast boxes are computed, not the boxes
     props_cfg = {k: v for k, v in asdict(cfg.proposals).items() if k not in ("workers", "cache_dir")}
-    net_key = stable_hash(STAGE_VERSION, __version__, kind, dataset_key(train_set), props_cfg, asdict(cfg.model),
-                          weights_key(cfg), cfg.run.seed,
+    # the weights by content, not by the path they were read from
+    net_key = stable_hash(STAGE_VERSION, __version__, kind, dataset_key(train_set), props_cfg,
+                          {**asdict(cfg.model), "weights": weights_key(cfg)}, cfg.run.seed,
                           None if init_backbone is None else stable_hash(
                               [v.cpu().numpy().tobytes() for v in init_backbone.values()]))
     windows = {r.image_id: label_windows(train_props[r.image_id], r.boxes, r.labels) for r in train_set}

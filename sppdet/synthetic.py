@@ -770,8 +770,8 @@ def _render_classification_chunk(task: tuple) -> int:
 
 
 def classification_params(seed: int = 0, train_per_class: int = 400, val_per_class: int = 50,
-                          image_size: int = 144, classes=CLASSIFICATION_CLASSES,
-                          object_range=(0.3, 0.85), clutter: int = 3, occluder: float = 0.3) -> dict:
+                          image_size: int = 112, classes=CLASSIFICATION_CLASSES,
+                          object_range=(0.35, 0.9), clutter: int = 1, occluder: float = 0.15) -> dict:
     for key, v in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise SppdetError(f"classification set {key}: expected an integer >= 1, got {v!r}")

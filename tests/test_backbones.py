@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from sppdet.backbones import (BACKBONES, CAFFE_ILSVRC12_MEAN_BGR, CrossChannelLRN, WithinChannelLRN,
-                              build_backbone, conv_geometry, map_size, trunk_layers)
+                              build_backbone, conv_geometry, trunk_layers)
 from sppdet.spp import spp_pool_maps
 from sppdet.utils import SppdetError
 

@@ -22,7 +22,7 @@ import torch
 from conftest import REPO, tiny
 from sppdet import engine
 from sppdet.checkpoint import read_checkpoint
-from sppdet.utils import SppdetError, load_verified
+from sppdet.utils import SppdetError
 from test_checkpoint import garble_largest_member
 
 
@@ -123,7 +123,7 @@ def test_changed_annotations_redo_the_stages(reference, shared, tmp_path, sppdet
     for xml in (data / "VOC2007" / "Annotations").glob("*.xml"):
         xml.write_text(xml.read_text().replace("<name>disk</name>", "<name>@</name>")
                        .replace("<name>ring</name>", "<name>disk</name>").replace("<name>@</name>", "<name>ring</name>"))
-    run_dir = copy_run(reference, tmp_path)
+    copy_run(reference, tmp_path)
     engine.run_training(tiny(tmp_path, *NO_RCNN, f"data.root={data}",
                              f"proposals.cache_dir={shared / 'proposals'}", shared=shared), resume=True)
     log = "\n".join(sppdet_log)
@@ -227,7 +227,6 @@ def test_output_paths_that_are_files_are_one_line_before_any_work(reference, sha
     script = REPO / "scripts" / "evaluate.py"
     for extra, needle in ((["--out", str(tmp_path / "runs")], "exists and is not a folder"),
                           (["--json", str(tmp_path)], "is a folder")):
-        start = time.time()
         proc = subprocess.run([sys.executable, str(script), "--checkpoint", str(reference[0] / "model.pt"), *extra],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 1 and needle in proc.stderr and proc.stderr.count("\n") == 1
