@@ -4,15 +4,18 @@ and whose conv1..conv5 and fc6/fc7 the detector starts from.
     image (B, 3, H, W), any size ─► backbone conv1..conv5 ─► spatial pyramid max pooling
         ─► fc6 ─► fc7 (the detector's own FCHead) ─► N-way fc8 ─► logits (B, N)
 
-`pyramid="none"` is the paper's no-SPP baseline: the trunk's original fixed max pooling after
-conv5 (ZF-5: 3x3 stride 2, 13x13 -> 6x6 at 224 input), so fc6 sees a fixed-size map and the net
-takes only its training input size. Batch norm after each conv (`add_batch_norm`) is an option
+`pyramid="none"` is the paper's no-SPP baseline: one fixed max pooling after conv5, its window
+and stride set for the training input size by the paper's rule for an a x a map and n x n bins
+(window ceil(a/n), stride floor(a/n), n the finest pyramid level: ZF-5 at 224 has a = 13, so
+3x3 stride 2 and 6x6 bins, the original network's pool5), so fc6 sees a fixed-size map and the
+net takes only its training input size. Batch norm after each conv (`add_batch_norm`) is an option
 for training from scratch; `detection_weights` folds it into the conv weights and biases, so the
 plain trunk of the detector computes the same function.
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
@@ -22,11 +25,6 @@ from torch import nn
 from .backbones import Backbone, map_size
 from .heads import FCHead
 from .spp import spp_output_dim, spp_pool_maps
-
-# The trunks' own max pooling after conv5 (kernel, stride; Caffe's ceil rounding): what the
-# no-SPP baseline keeps. ZF-5 / AlexNet: 3x3/2 (13 -> 6 at 224); VGG16 / ResNet C4: 2x2/2 (14 -> 7).
-FIXED_POOL = {"zf5": (3, 2), "alexnet": (3, 2), "caffenet": (3, 2), "vgg16": (2, 2), "resnet50": (2, 2)}
-
 
 class ConvBN(nn.Module):
     """A convolution followed by batch norm (training only: `fold_batch_norm` merges them)."""
@@ -90,8 +88,9 @@ class SPPClassifier(nn.Module):
         if pyramid == "spp":
             in_dim = spp_output_dim(c, self.levels)
         else:
-            self.pool = FIXED_POOL[backbone.name]
-            side = map_size([(*self.pool, 0, True)], map_size(backbone.layers, fixed_input))
+            a, n = map_size(backbone.layers, fixed_input), max(self.levels)
+            self.pool = (math.ceil(a / n), max(1, a // n))  # window, stride [P 2.3]
+            side = map_size([(*self.pool, 0, False)], a)
             in_dim = c * side * side
         self.head = FCHead(in_dim, fc_dim, num_classes, dropout, fc8_std)
 
@@ -99,7 +98,7 @@ class SPPClassifier(nn.Module):
         conv5 = self.backbone(x)
         if self.pyramid == "spp":
             return spp_pool_maps(conv5, self.levels)
-        return F.max_pool2d(conv5, *self.pool, ceil_mode=True).flatten(1)
+        return F.max_pool2d(conv5, *self.pool).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, 3, H, W) from `backbone.preprocess` -> logits (B, N)."""

@@ -54,12 +54,13 @@ def test_spp_classifier_takes_any_size_and_the_no_spp_baseline_only_its_own():
     spp = SPPClassifier(build_backbone("zf5", width=0.125), 7, levels=(3, 1), fc_dim=16).eval()
     for size in ((96, 96), (77, 77), (110, 140)):
         assert spp(torch.randn(2, 3, *size)).shape == (2, 7)
-    # ZF-5's own pool after conv5 is 3x3/2 (ceil): conv5 of a 224 input is 13x13 -> 6x6 (the
-    # paper's baseline); of a 96 input 5x5 -> 2x2, so fc6 sees 32 channels x 4
+    # the paper's rule for 6x6 bins on an a x a map, window ceil(a/6), stride floor(a/6): conv5 of
+    # a 224 input is 13x13 -> 3x3 stride 2 -> 6x6 (the original pool5); of a 96 input 5x5 ->
+    # 1x1 stride 1 -> 5x5, so fc6 sees 32 channels x 25
     fixed = SPPClassifier(build_backbone("zf5", width=0.125), 7, fc_dim=16, pyramid="none", fixed_input=224)
-    assert fixed.head.fc6.in_features == 32 * 36
+    assert fixed.pool == (3, 2) and fixed.head.fc6.in_features == 32 * 36
     fixed = SPPClassifier(build_backbone("zf5", width=0.125), 7, fc_dim=16, pyramid="none", fixed_input=96).eval()
-    assert fixed.head.fc6.in_features == 32 * 4 and fixed(torch.randn(2, 3, 96, 96)).shape == (2, 7)
+    assert fixed.head.fc6.in_features == 32 * 25 and fixed(torch.randn(2, 3, 96, 96)).shape == (2, 7)
     with pytest.raises(RuntimeError):
         fixed(torch.randn(1, 3, 150, 150))
 
