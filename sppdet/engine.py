@@ -37,8 +37,8 @@ from .model import build_detector, pretrain_config, pretrained_weights_path
 from .report import comparison, comparison_markdown
 from .svm import train_svms
 from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, file_digest, \
-    file_signature, get_logger, load_verified, pick_device, save_verified, seed_everything, stable_hash, \
-    write_json_atomic, write_text_atomic
+    file_signature, load_verified, pick_device, run_log, save_verified, seed_everything, \
+    stable_hash, write_json_atomic, write_text_atomic
 from .voc import VOCDataset
 
 # Bump when a change in the training code changes what a stage produces: finished stages of
@@ -286,16 +286,9 @@ def run_training(cfg: Config, resume: bool = False, overwrite: bool = False) -> 
     check_writable_dir(run_dir, "run folder (run.output_dir / run.name)")
     check_writable_dir(resolve(cfg.proposals.cache_dir), "proposals.cache_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    with FolderLock(run_dir, what="run.name"):
-        logger = get_logger("sppdet", run_dir / "train.log")
-        try:
-            claim_run_folder(run_dir, cfg, resume, overwrite, logger)
-            return _run(cfg, resume, run_dir, logger)
-        finally:  # a later run in this process (tests, notebooks) must not write into this run's log
-            for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
-                            and Path(h.baseFilename) == (run_dir / "train.log").resolve()]:
-                logger.removeHandler(handler)
-                handler.close()
+    with FolderLock(run_dir, what="run.name"), run_log(run_dir / "train.log") as logger:
+        claim_run_folder(run_dir, cfg, resume, overwrite, logger)
+        return _run(cfg, resume, run_dir, logger)
 
 
 def _run(cfg: Config, resume: bool, run_dir: Path, logger: logging.Logger) -> dict:

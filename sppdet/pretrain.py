@@ -42,7 +42,7 @@ from .classifier import SPPClassifier, add_batch_norm
 from .config import Config, dump_config, resolve
 from .model import build_backbone
 from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, content_digest, \
-    get_logger, load_verified, pick_device, save_verified, set_torch_rng_state, stable_hash, torch_rng_state, \
+    load_verified, pick_device, run_log, save_verified, set_torch_rng_state, stable_hash, torch_rng_state, \
     write_json_atomic, write_text_atomic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -231,7 +231,7 @@ def run_pretraining(cfg: Config, resume: bool = False, overwrite: bool = False) 
     with contextlib.ExitStack() as stack:
         if ddp.main:  # the main process writes every file: it holds the folder
             stack.enter_context(FolderLock(run_dir, what="run.name"))
-        logger = get_logger("sppdet", run_dir / "train.log" if ddp.main else None)
+        logger = stack.enter_context(run_log(run_dir / "train.log" if ddp.main else None))
         if not ddp.main:
             logger.setLevel(logging.WARNING)
         return _pretrain(cfg, resume, overwrite, ddp, device, run_dir, logger)

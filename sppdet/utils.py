@@ -296,6 +296,23 @@ def get_logger(name: str = "sppdet", log_file: str | os.PathLike | None = None) 
     return logger
 
 
+@contextlib.contextmanager
+def run_log(log_file: str | os.PathLike | None) -> Iterator[logging.Logger]:
+    """The "sppdet" logger, also appending to `log_file` inside the block (a run's train.log);
+    the file handler goes when the block ends, so a later run in this process (a detection
+    run after its pretraining, tests, notebooks) does not write into this run's log."""
+    logger = get_logger("sppdet", log_file)
+    try:
+        yield logger
+    finally:
+        if log_file is not None:
+            path = str(Path(log_file).resolve())
+            for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                            and h.baseFilename == path]:
+                logger.removeHandler(handler)
+                handler.close()
+
+
 def pick_device(name: str = "auto", key: str = "run.device"):
     """'auto' -> CUDA when available, else CPU; 'cpu' / 'cuda' / 'cuda:N' as given. Anything
     else, or CUDA on a machine without it, is a SppdetError naming `key`."""

@@ -22,7 +22,7 @@ PROPOSALS = np.array([[0, 0, 63, 47], [5, 5, 30, 30], [20, 10, 50, 40], [40, 20,
 
 def tiny_config(*extra):
     return load_config("demo", ["model.width=0.125", "model.fc_dim=32", "model.scales=[96]",
-                                "model.rcnn_input_size=64", *extra])
+                                "model.rcnn_input_size=64", "model.weights=none", *extra])
 
 
 def trained_like(kind: str, cfg=None):

@@ -28,7 +28,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """A tiny SPP detector with random weights whose SVMs score every window above 0, so each
     image gets detections (NMS then thins them)."""
     cfg = load_config("demo", ["model.width=0.125", "model.fc_dim=64", "model.scales=[200]",
-                               "proposals.max_boxes=60", "data.classes=[apple, kite]"])
+                               "proposals.max_boxes=60", "data.classes=[apple, kite]", "model.weights=none"])
     torch.manual_seed(0)
     detector = build_detector(cfg, len(CLASSES), weights="none")
     detector.svm.weight.normal_(0, 0.01)

@@ -270,10 +270,10 @@ def test_pixel_std_scales_the_network_input():
     """model.pixel_std divides the mean-subtracted pixels (ZF-5: (v - 128) / std), for both
     feature paths; None keeps the paper's raw Caffe input."""
     image = np.array([[[0, 128, 255]]], np.uint8)
-    paper = build_detector(load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=null"]), 5)
+    paper = build_detector(load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=null", "model.weights=none"]), 5)
     np.testing.assert_array_equal(paper.backbone.preprocess(image)[:, 0, 0].numpy(), [-128, 0, 127])
     for kind in ("spp", "rcnn"):
-        cfg = load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=64"])
+        cfg = load_config("demo", ["model.width=0.125", "model.fc_dim=8", "model.pixel_std=64", "model.weights=none"])
         det = build_detector(cfg, 5, kind=kind)
         np.testing.assert_allclose(det.backbone.preprocess(image)[:, 0, 0].numpy(), [-2, 0, 127 / 64])
     with pytest.raises(SppdetError, match="model.pixel_std"):
