@@ -115,3 +115,56 @@ class SPPClassifier(nn.Module):
             state[f"{name}.weight"] = layer.weight.detach().clone().cpu()
             state[f"{name}.bias"] = layer.bias.detach().clone().cpu()
         return state
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def initialize(model: SPPClassifier, scheme: str = "default") -> None:
+    """Initial weights for pretraining from scratch: "default" (PyTorch's), "kaiming" (He normal,
+    fan-out, on every conv and fc6/fc7; biases 0), or "gabor" (kaiming, with conv1 a bank of
+    Gabor filters and colour-opponent blobs, what trained first layers end up as: it saves about
+    an epoch of the demo's pretraining). fc8 stays N(0, fc8_std)."""
+    if scheme == "default":
+        return
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for fc in (model.head.fc6, model.head.fc7):
+            nn.init.kaiming_normal_(fc.weight, nonlinearity="relu")
+            nn.init.zeros_(fc.bias)
+        if scheme == "gabor":
+            conv1 = next(m for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
+            conv1.weight.copy_(gabor_bank(tuple(conv1.weight.shape)))
+
+
+def gabor_bank(shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """conv1 weights (out, in, k, k): luminance Gabor filters (orientations x even/odd phase, at
+    wavelengths 3.5 and 6 px) for three quarters of the channels, colour-opponent centre blobs
+    for the rest; each zero-mean (the Gabors) and scaled to He-normal's expected norm."""
+    out, cin, k, _ = shape
+    r = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    filters = []
+    n_orient = max(1, (out - max(2, out // 4)) // 4)
+    for wavelength in (3.5, 6.0):
+        envelope = torch.exp(-(xx ** 2 + yy ** 2) / (2 * (0.45 * wavelength) ** 2))
+        for o in range(n_orient):
+            theta = math.pi * o / n_orient
+            u = xx * math.cos(theta) + yy * math.sin(theta)
+            for phase in (0.0, math.pi / 2):
+                g = envelope * torch.cos(2 * math.pi * u / wavelength + phase)
+                filters.append((g - g.mean()).expand(cin, k, k))
+    blob = torch.exp(-(xx ** 2 + yy ** 2) / (2 * 1.5 ** 2))
+    opponents = [(1, -1, 0), (0, 1, -1), (1, 0, -1), (-1, -1, 2), (2, -1, -1), (-1, 2, -1)]
+    i = 0
+    while len(filters) < out:
+        sign = 1 if (i // len(opponents)) % 2 == 0 else -1
+        colour = torch.tensor(opponents[i % len(opponents)][:cin], dtype=torch.float64) * sign
+        filters.append(colour[:, None, None] * blob)
+        i += 1
+    w = torch.stack(filters[:out])
+    w = w / w.flatten(1).norm(dim=1)[:, None, None, None]
+    return (w * math.sqrt(2.0 / (out * k * k)) * math.sqrt(cin * k * k)).float()

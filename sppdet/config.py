@@ -185,6 +185,8 @@ class PretrainConfig:
     flip: bool = True                     # random horizontal flips [P 1.1]
     color_jitter: float = 0.2             # random brightness / contrast / saturation factors in [1 -+ this] [P 1.1]
     pyramid: str = "spp"                  # spp (model.levels) | none: the trunk's fixed pool (the no-SPP baseline) [P 1.7]
+    init: str = "default"                 # initial weights: default (PyTorch's) | kaiming | gabor (kaiming, conv1
+                                          # a Gabor bank: learns faster from scratch) [ours]
     batch_norm: bool = False              # batch norm after each conv while pretraining, folded into the
                                           # conv weights in the weights file [ours]
     label_smoothing: float = 0.0          # cross-entropy label smoothing [ours]
@@ -232,6 +234,7 @@ CHOICES = {
     "pretrain.lr_schedule": ("step", "cosine"),
     "pretrain.multi_size": ("none", "alternate", "random"),
     "pretrain.pyramid": ("spp", "none"),
+    "pretrain.init": ("default", "kaiming", "gabor"),
     "test.metric": ("voc07", "voc07_py", "voc10"),
     "test.precision": ("auto", "bf16", "fp32"),
     "run.detector": ("spp", "rcnn"),

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from . import __version__
-from .classifier import SPPClassifier, add_batch_norm
+from .classifier import SPPClassifier, add_batch_norm, initialize
 from .config import Config, dump_config, resolve
 from .model import build_backbone
 from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, content_digest, \
@@ -176,9 +176,10 @@ def build_classifier(cfg: Config, num_classes: int) -> SPPClassifier:
     backbone, _ = build_backbone(cfg.model)
     if cfg.pretrain.batch_norm:
         add_batch_norm(backbone)
-    return SPPClassifier(backbone, num_classes, cfg.model.levels, cfg.model.fc_dim, cfg.model.dropout,
-                         pyramid=cfg.pretrain.pyramid, fixed_input=cfg.pretrain.crop,
-                         fc8_std=cfg.finetune.fc8_std)
+    model = SPPClassifier(backbone, num_classes, cfg.model.levels, cfg.model.fc_dim, cfg.model.dropout,
+                          pyramid=cfg.pretrain.pyramid, fixed_input=cfg.pretrain.crop, fc8_std=cfg.finetune.fc8_std)
+    initialize(model, cfg.pretrain.init)
+    return model
 
 
 def epoch_size(cfg: Config, epoch: int) -> int:

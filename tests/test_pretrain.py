@@ -178,3 +178,20 @@ def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
     assert any(not torch.equal(a[k], build_backbone("zf5", width=0.125).state_dict().get(k, a[k]))
                for k in a if k.startswith("conv"))  # it did train
+
+
+def test_initialisation_schemes():
+    from sppdet.classifier import gabor_bank, initialize
+
+    w = gabor_bank((24, 3, 7, 7))
+    assert w.shape == (24, 3, 7, 7) and torch.isfinite(w).all()
+    # Gabors are zero-mean; all filters have He-normal's expected norm sqrt(2 / fan_out * fan_in)
+    assert w[:16].mean(dim=(1, 2, 3)).abs().max() < 1e-6
+    torch.testing.assert_close(w.flatten(1).norm(dim=1), torch.full((24,), (2 / (24 * 49) * 147) ** 0.5))
+    torch.manual_seed(0)
+    model = SPPClassifier(build_backbone("zf5", width=0.25), 5, fc_dim=32)
+    initialize(model, "gabor")
+    assert torch.equal(model.backbone.conv1.weight, gabor_bank(tuple(model.backbone.conv1.weight.shape)))
+    assert not model.backbone.conv2.bias.any() and not model.head.fc6.bias.any()
+    fan_out = model.backbone.conv3.weight[0].numel() // model.backbone.conv3.in_channels * model.backbone.conv3.out_channels
+    assert model.backbone.conv3.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
