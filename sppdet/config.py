@@ -160,7 +160,10 @@ class TestConfig:
     svd_fc7: float = 0.0625               # the same for fc7 (0.0625: 256 of 4096, Fast R-CNN's) [F 3.1]
     precision: str = "auto"               # fc layers in: auto (bf16 where the device computes it natively,
                                           # else fp32) | bf16 | fp32 [ours]
-    exact: bool = False                   # true: the exact head (fp32, no SVD), whatever the keys above say [ours]
+    conv_precision: str = "fp32"          # conv layers at test time: fp32 (the features the heads were trained
+                                          # on) | bf16 (1.4x faster ZF-5 on AVX-512 BF16, conv5 within ~1%) [ours]
+    exact: bool = False                   # true: the exact network (fp32 everywhere, no SVD), whatever the keys
+                                          # above say [ours]
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ CHOICES = {
     "pretrain.init": ("default", "kaiming", "gabor"),
     "test.metric": ("voc07", "voc07_py", "voc10"),
     "test.precision": ("auto", "bf16", "fp32"),
+    "test.conv_precision": ("bf16", "fp32"),
     "run.detector": ("spp", "rcnn"),
 }
 

@@ -93,19 +93,21 @@ class Detector(nn.Module):
     def detect(self, image: np.ndarray, boxes: np.ndarray, scorer: str = "svm",
                score_thresh: float = -1.5, nms: float = 0.3, max_per_class: int = 100,
                max_per_image: int = 100, regress: bool = True, precision: str = "fp32",
-               timers: dict | None = None) -> Detections:
+               conv_precision: str = "fp32", timers: dict | None = None) -> Detections:
         """image: BGR uint8 (H, W, 3); boxes: proposals (R, 4) 0-based inclusive.
 
         Per class: windows scoring above `score_thresh` -> NMS -> the best `max_per_class` -> box
         regression (if `regress`), clipped to the image -> NMS again (as the official evaluation
         does); then the best `max_per_image` over all classes. Scores are SVM margins (> 0: the
         class's SVM calls it an object) or, with scorer="softmax", fc8 probabilities.
-        precision "bf16" runs fc6/fc7 in bfloat16 (see `inference.resolve_precision`).
+        precision "bf16" runs fc6/fc7 in bfloat16 (see `inference.resolve_precision`),
+        conv_precision "bf16" the conv layers.
         """
         self.eval()
         height, width = image.shape[:2]
         proposals = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        pooled = self.features(image, proposals, timers=timers)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=conv_precision == "bf16"):
+            pooled = self.features(image, proposals, timers=timers).float()
         proposals = proposals.to(pooled.device)
         with timed(timers, "fc", self.device):
             scores = self.scores(self.fc7(pooled, precision), scorer)

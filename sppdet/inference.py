@@ -164,7 +164,8 @@ def detect_options(cfg: Config, score_thresh: float | None = None, device: torch
     precision = "fp32" if t.exact else resolve_precision(t.precision, device or torch.device("cpu"))
     return dict(scorer=t.scorer, score_thresh=t.score_thresh if score_thresh is None else score_thresh,
                 nms=t.nms, max_per_class=t.max_per_class, max_per_image=t.max_per_image,
-                regress=cfg.bbox_reg.enabled, precision=precision)
+                regress=cfg.bbox_reg.enabled, precision=precision,
+                conv_precision="fp32" if t.exact else t.conv_precision)
 
 
 def combine_detections(parts: Sequence[Detections], nms: float, max_per_image: int) -> Detections:

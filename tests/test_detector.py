@@ -208,3 +208,17 @@ def test_detect_timers_and_eval_mode():
     assert not net.training, "detect runs in eval mode (no dropout)"
     assert {"conv", "pool", "fc", "nms"} <= set(timers)
     assert as_set(a) == as_set(b)
+
+
+def test_bf16_conv_stays_close_to_fp32():
+    torch.manual_seed(0)
+    net = Detector(SPPFeatures(tiny_backbone(), scales=(100,)), num_classes=2, fc_dim=16).eval()
+    with torch.no_grad():
+        net.svm.weight.normal_()
+    a = net.detect(IMAGE, BOXES, score_thresh=-np.inf, nms=1.0)
+    b = net.detect(IMAGE, BOXES, score_thresh=-np.inf, nms=1.0, conv_precision="bf16")
+    assert len(a) == len(b) == 2 * len(BOXES)
+    sa = sorted(zip(a.labels.tolist(), a.boxes.tolist(), a.scores.tolist()))
+    sb = sorted(zip(b.labels.tolist(), b.boxes.tolist(), b.scores.tolist()))
+    spread = np.ptp(a.scores)
+    assert max(abs(x[2] - y[2]) for x, y in zip(sa, sb)) < 0.05 * spread
