@@ -107,8 +107,12 @@ class BoxRegressor(nn.Module):
         labels = torch.as_tensor(labels, device=pooled.device).long()
         if len(labels) and (int(labels.min()) < 1 or int(labels.max()) > len(self.coef)):
             raise ValueError(f"labels must be in 1..{len(self.coef)}")
-        return torch.einsum("nd,ndj->nj", pooled.float() * self.scale, self.coef[labels - 1]) \
-            + self.intercept[labels - 1]
+        out = self.intercept[labels - 1].clone()
+        x = pooled.float() * self.scale
+        for k in labels.unique().tolist():  # one (n_k, D) @ (D, 4) per class, not N copies of coef
+            rows = (labels == k).nonzero(as_tuple=True)[0]
+            out[rows] += x[rows] @ self.coef[k - 1]
+        return out
 
     def forward(self, pooled: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Move boxes (N, 4) by the regressor of their class; not clipped to the image."""
