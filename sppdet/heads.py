@@ -107,12 +107,14 @@ class BoxRegressor(nn.Module):
         labels = torch.as_tensor(labels, device=pooled.device).long()
         if len(labels) and (int(labels.min()) < 1 or int(labels.max()) > len(self.coef)):
             raise ValueError(f"labels must be in 1..{len(self.coef)}")
-        out = self.intercept[labels - 1].clone()
-        x = pooled.float() * self.scale
-        for k in labels.unique().tolist():  # one (n_k, D) @ (D, 4) per class, not N copies of coef
-            rows = (labels == k).nonzero(as_tuple=True)[0]
-            out[rows] += x[rows] @ self.coef[k - 1]
-        return out
+        if len(labels) == 0:
+            return pooled.new_zeros(0, 4)
+        # every class's deltas in one (N, D) @ (D, K * 4) product, then each row's own: far
+        # cheaper than a copy of the (D, 4) coefficients per row, or one skinny product per class
+        k, d, _ = self.coef.shape
+        every = (pooled.float() @ self.coef.permute(1, 0, 2).reshape(d, k * 4)).view(-1, k, 4)
+        rows = torch.arange(len(labels), device=labels.device)
+        return every[rows, labels - 1] * self.scale + self.intercept[labels - 1]
 
     def forward(self, pooled: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Move boxes (N, 4) by the regressor of their class; not clipped to the image."""
