@@ -155,9 +155,10 @@ class TestConfig:
     max_per_class: int = 100              # detections kept per image and class [C 2.4]
     max_per_image: int = 100              # detections kept per image, all classes together [ours]
     metric: str = "voc07"                 # voc07 (11-point, MATLAB thresholds) | voc07_py | voc10 (area) [P 2.4]
-    svd_fc6: float = 0.25                 # truncated SVD of fc6 at test time: a rank (>= 1), a fraction of
-                                          # min(in, out) (0.25: 1024 for ZF-5), or 0 (off) [F 3.1]
-    svd_fc7: float = 0.0625               # the same for fc7 (0.0625: 256 of 4096, Fast R-CNN's) [F 3.1]
+    svd_fc6: float = 1024                 # truncated SVD of fc6 at test time: a rank (>= 1), a fraction of
+                                          # min(in, out) (0.25: 1024 for 4096-wide layers), or 0 (off); applied
+                                          # only where it makes the layer cheaper (not the demo's 512-wide) [F 3.1]
+    svd_fc7: float = 256                  # the same for fc7 (Fast R-CNN's 1024 / 256) [F 3.1]
     precision: str = "auto"               # fc layers in: auto (bf16 where the device computes it natively,
                                           # else fp32) | bf16 | fp32 [ours]
     conv_precision: str = "fp32"          # conv layers at test time: fp32 (the features the heads were trained
