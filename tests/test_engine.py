@@ -278,3 +278,18 @@ def test_pixel_std_scales_the_network_input():
         np.testing.assert_allclose(det.backbone.preprocess(image)[:, 0, 0].numpy(), [-2, 0, 127 / 64])
     with pytest.raises(SppdetError, match="model.pixel_std"):
         load_config("demo", ["model.pixel_std=0"])
+
+
+def test_a_dataset_of_shapes_the_pretraining_never_saw(tmp_path):
+    """The held-out check of the demo: a VOC-format set of shape families that are in neither the
+    classification set nor the detection set, trained with only data.root / data.classes."""
+    from sppdet.synthetic import CLASSIFICATION_CLASSES, HELDOUT_FAMILIES
+
+    families = HELDOUT_FAMILIES[:2]
+    assert not set(families) & set(CLASSIFICATION_CLASSES)
+    folder = ensure_dataset(tmp_path / "heldout", seed=7, num_trainval=8, num_test=4, classes=families,
+                            progress=False)
+    cfg = tiny(tmp_path / "runs", f"data.root={folder}", f"data.classes=[{','.join(families)}]",
+               f"proposals.cache_dir={tmp_path / 'proposals'}", "finetune.iterations=10", "run.compare_rcnn=false")
+    metrics = engine.run_training(cfg)
+    assert list(metrics["ap"]) == list(families)
