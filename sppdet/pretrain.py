@@ -224,6 +224,16 @@ def pretrain_key(cfg: Config) -> str:
 def run_pretraining(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     """The whole scripts/pretrain.py job -> metrics (see the module docstring)."""
     ddp, device = init_distributed(cfg.run.device)
+    try:
+        return _run(cfg, resume, overwrite, ddp, device)
+    finally:
+        # gloo's threads must be joined before the interpreter exits, or a rank may abort at
+        # exit ("terminate called without an active exception") after the run itself succeeded
+        if ddp.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: torch.device) -> dict:
     run_dir = resolve(cfg.run.output_dir) / cfg.run.name
     if ddp.main:
         check_writable_dir(run_dir, "run folder (run.output_dir / run.name)")
