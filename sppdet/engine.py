@@ -32,9 +32,9 @@ from .config import Config, dump_config, resolve
 from .detector import Detector
 from .features import TrainingFeatures
 from .finetune import finetune, label_windows
-from .inference import evaluate_run, for_test, load_datasets, proposals_for
+from .inference import detect_options, evaluate_run, for_test, load_datasets, proposals_for
 from .model import build_detector, pretrain_config, pretrained_weights_path
-from .report import comparison, comparison_markdown
+from .report import SIDE_BY_SIDE_IMAGES, comparison, comparison_markdown, time_side_by_side
 from .svm import train_svms
 from .utils import CorruptFileError, FolderLock, SppdetError, check_writable_dir, file_digest, \
     file_signature, load_verified, pick_device, run_log, save_verified, seed_everything, \
@@ -136,7 +136,8 @@ def ensure_pretrained(cfg: Config, logger: logging.Logger) -> Config:
 def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset, test_set: VOCDataset,
                    train_props, test_props, resume: bool, logger: logging.Logger,
                    init_backbone: dict | None = None) -> tuple[Detector, dict, dict]:
-    """Fine-tune, SVMs, box regression, save model.pt, evaluate -> (detector, metrics, times).
+    """Fine-tune, SVMs, box regression, save model.pt, evaluate -> (the detector as tested,
+    metrics, times).
     `init_backbone`: conv weights replacing the config's (the R-CNN baseline on SPP-net's
     fine-tuned conv layers when those were trained)."""
     stages = Stages(run_dir / "stages", resume, logger)
@@ -215,7 +216,7 @@ def train_detector(cfg: Config, kind: str, run_dir: Path, train_set: VOCDataset,
     write_json_atomic(run_dir / "metrics.json", metrics)
     _append_metrics(run_dir, [("test", 0, f"ap/{c}", v) for c, v in metrics["ap"].items()] +
                     [("test", 0, "map", metrics["map"])] + [("test", 0, k, v) for k, v in times.items()])
-    return detector, metrics, times
+    return tested, metrics, times
 
 
 def _append_metrics(run_dir: Path, rows: list[tuple]) -> None:
@@ -315,7 +316,10 @@ def _run(cfg: Config, resume: bool, run_dir: Path, logger: logging.Logger) -> di
         init = detector.backbone.state_dict() if cfg.finetune.train_conv else None
         rcnn = train_detector(net_cfg, "rcnn", run_dir / "rcnn", train_set, test_set, train_props, test_props,
                               resume, logger, init_backbone=init)
-        comp = comparison((metrics, times), rcnn[1:])
+        timing = time_side_by_side({"spp": detector, "rcnn": rcnn[0]}, test_set, test_props,
+                                   detect_options(cfg, device=detector.device))
+        comp = comparison((metrics, timing["spp"]), (rcnn[1], timing["rcnn"]),
+                          timed_images=min(len(test_set), SIDE_BY_SIDE_IMAGES))
         write_json_atomic(run_dir / "comparison.json", comp)
         table = comparison_markdown(comp, cfg.test.metric, str(pick_device(cfg.run.device)))
         write_text_atomic(run_dir / "comparison.md", table)

@@ -21,15 +21,43 @@ from .utils import SppdetError, Timer
 # ----------------------------------------------------------------------------- train.py's table
 
 
-def comparison(spp: tuple[dict, dict], rcnn: tuple[dict, dict]) -> dict:
-    """(metrics, times) of SPP-net and of R-CNN on the test split -> the comparison.json dict."""
+def comparison(spp: tuple[dict, dict], rcnn: tuple[dict, dict], timed_images: int | None = None) -> dict:
+    """(metrics, seconds per image) of SPP-net and of R-CNN -> the comparison.json dict."""
     def entry(metrics, times):
         return {"map": metrics["map"], "ap": metrics["ap"], "conv_s": times.get("conv_s", 0.0),
                 "fc_s": times.get("fc_s", 0.0), "total_s": times["total_s"]}
     out = {"spp": entry(*spp), "rcnn": entry(*rcnn)}
     out["speedup"] = {"conv": out["rcnn"]["conv_s"] / max(out["spp"]["conv_s"], 1e-12),
                       "total": out["rcnn"]["total_s"] / max(out["spp"]["total_s"], 1e-12)}
+    if timed_images is not None:
+        out["timed_images"] = timed_images
     return out
+
+
+SIDE_BY_SIDE_IMAGES = 30  # R-CNN takes ~0.4 s per demo image: ~15 s for the timing pass
+
+
+def time_side_by_side(detectors: dict, dataset, proposals: dict[str, np.ndarray], options: dict,
+                      images: int = SIDE_BY_SIDE_IMAGES) -> dict[str, dict[str, float]]:
+    """Seconds per image by part ({name: {conv_s, fc_s, total_s, ...}}) of each detector, timed
+    image by image on the first `images` of `dataset`, the order alternating from one image to
+    the next: load on a shared machine then touches every detector alike, which separate passes
+    over the split minutes apart do not promise (the speed-up moved from 24x to 38x that way).
+    One untimed call each first (allocator and thread-pool warm-up)."""
+    from .voc import load_image
+
+    records = list(dataset)[:images]
+    names = list(detectors)
+    samples = {n: [] for n in names}
+    for i, rec in enumerate(records):
+        image, boxes = load_image(rec.path), proposals[rec.image_id]
+        if i == 0:
+            for d in detectors.values():
+                d.detect(image, boxes, **options)
+        for n in (names if i % 2 == 0 else names[::-1]):
+            samples[n].append(time_detect(detectors[n], image, boxes, detectors[n].device, **options)[0])
+    return {n: {f"{k}_s": float(np.mean([t[k] for t in s])) for k in PARTS + ("total",)}
+            for n, s in samples.items()}
 
 
 def comparison_markdown(comp: dict, metric: str, device: str) -> str:
@@ -43,7 +71,8 @@ def comparison_markdown(comp: dict, metric: str, device: str) -> str:
              f"| speed-up (conv) | {up['conv']:.1f}x | 1x |",
              f"| speed-up (total) | {up['total']:.1f}x | 1x |", "",
              "Times exclude selective search (computed once and cached, shared by both); total "
-             "includes NMS.", "",
+             "includes NMS." + (f" Timed side by side, alternating image by image, on {comp['timed_images']} "
+                                "test images." if "timed_images" in comp else ""), "",
              "| class | SPP-net AP | R-CNN AP |", "|---|---|---|"]
     lines += [f"| {c} | {100 * s['ap'][c]:.1f} | {100 * r['ap'][c]:.1f} |" for c in s["ap"]]
     return "\n".join(lines) + "\n"

@@ -45,6 +45,43 @@ def test_time_detect_folds_warp_into_conv_and_counts_nms_in_the_total(bench):
     assert t["pool"] == t["fc"] == 0.0 and torch.equal(pooled, torch.ones(3))
 
 
+def test_side_by_side_timing_alternates_the_order_image_by_image(bench, tmp_path):
+    """Train.py's Table 10 times both detectors on the same images, alternating which goes first
+    (so load drifting on a shared machine touches both alike), after one untimed call each."""
+    import numpy as np
+    from types import SimpleNamespace
+    import cv2
+
+    calls = []
+
+    class Stub:
+        features = torch.nn.Identity()
+        device = torch.device("cpu")
+
+        def __init__(self, name, seconds):
+            self.name, self.seconds = name, seconds
+
+        def detect(self, image, boxes, timers=None, **options):
+            calls.append((self.name, len(boxes), options["flag"]))
+            self.features(torch.ones(1))
+            if timers is not None:
+                with timers.setdefault("conv", None):
+                    time.sleep(self.seconds)
+
+    records = []
+    for i in range(3):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
+        records.append(SimpleNamespace(path=path, image_id=str(i)))
+    proposals = {str(i): np.zeros((i + 1, 4), np.float32) for i in range(3)}
+    t = bench.time_side_by_side({"spp": Stub("spp", 0.001), "rcnn": Stub("rcnn", 0.02)}, records + records,
+                                proposals, {"flag": 7}, images=3)
+    assert [c[0] for c in calls] == ["spp", "rcnn", "spp", "rcnn", "rcnn", "spp", "spp", "rcnn"]
+    assert [c[1] for c in calls] == [1, 1, 1, 1, 2, 2, 3, 3] and {c[2] for c in calls} == {7}
+    assert set(t) == {"spp", "rcnn"} and t["rcnn"]["conv_s"] >= 0.02 and t["spp"]["conv_s"] < t["rcnn"]["conv_s"]
+    assert t["rcnn"]["total_s"] >= t["rcnn"]["conv_s"] and t["spp"]["fc_s"] == 0.0
+
+
 def test_spp_pool_restores_the_thread_count():
     # The no-grad path pools on one thread; the caller's setting must come back.
     gen = torch.Generator().manual_seed(0)

@@ -88,7 +88,7 @@ def test_tiny_run_writes_every_output(reference, shared):
 
     comp = json.loads((run_dir / "comparison.json").read_text())
     entry = {"map", "ap", "conv_s", "fc_s", "total_s"}
-    assert set(comp) == {"spp", "rcnn", "speedup"}
+    assert set(comp) == {"spp", "rcnn", "speedup", "timed_images"} and comp["timed_images"] == 6
     assert set(comp["spp"]) == entry and set(comp["rcnn"]) == entry
     assert set(comp["speedup"]) == {"conv", "total"}
     assert comp["spp"]["map"] == metrics["map"] and comp["spp"]["ap"] == metrics["ap"]
@@ -98,6 +98,7 @@ def test_tiny_run_writes_every_output(reference, shared):
     assert rcnn_classes == CLASSES
     md = (run_dir / "comparison.md").read_text()
     assert "| mAP (voc07) |" in md and all(f"| {c} |" in md for c in CLASSES)
+    assert "side by side, alternating image by image, on 6 test images" in md
 
 
 # ----------------------------------------------------------------------------- resume
