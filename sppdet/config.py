@@ -196,6 +196,8 @@ class PretrainConfig:
     label_smoothing: float = 0.0          # cross-entropy label smoothing [ours]
     val_every: int = 1                    # validate (centre view) every N epochs; all views at the end [ours]
     workers: int = 0                      # data-loading processes per training process (0: in-process) [ours]
+    precision: str = "auto"               # training arithmetic: auto (fp16 autocast + gradient scaling on CUDA,
+                                          # fp32 on CPU) | bf16 (bf16 autocast, on CPUs with AVX-512 bf16 too) | fp32 [ours]
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ CHOICES = {
     "pretrain.init": ("default", "kaiming", "gabor"),
     "test.metric": ("voc07", "voc07_py", "voc10"),
     "test.precision": ("auto", "bf16", "fp32"),
+    "pretrain.precision": ("auto", "bf16", "fp32"),
     "test.conv_precision": ("bf16", "fp32"),
     "run.detector": ("spp", "rcnn"),
 }

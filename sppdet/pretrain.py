@@ -313,8 +313,10 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
             start, history = snap["epoch"], snap["history"]
             logger.info(f"pretrain: resuming after epoch {start}")
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    amp_dtype = {"auto": torch.float16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                 "fp32": None}[p.precision]
+    # fp16 gradients underflow without scaling; bf16 has fp32's exponent range and needs none
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     data = TrainImages(train_items, p.resize, p.crop, p.flip, p.color_jitter, cfg.run.seed)
     sampler = DistributedSampler(data, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=cfg.run.seed,
@@ -338,7 +340,7 @@ def _pretrain(cfg: Config, resume: bool, overwrite: bool, ddp: Dist, device: tor
                 group["lr"] = learning_rate(cfg, epoch + step / steps)
             x = backbone.preprocess(images).to(device)
             labels = labels.to(device)
-            with torch.autocast("cuda", enabled=amp):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=p.label_smoothing)
             if not torch.isfinite(loss):

@@ -103,7 +103,7 @@ def tiny_pretrain(images, out, *extra):
                                          "model.fc_dim=32", "pretrain.epochs=3", "pretrain.batch_size=8",
                                          "pretrain.resize=48", "pretrain.crop=40", "pretrain.small_size=32",
                                          "pretrain.val_every=2", f"run.output_dir={out}", "run.name=pre",
-                                         "run.threads=1", *extra])
+                                         "run.threads=1", "pretrain.workers=0", *extra])
 
 
 def test_tiny_pretraining_writes_its_outputs_and_starts_a_detector(images, tmp_path, caplog):
@@ -130,6 +130,21 @@ def test_tiny_pretraining_writes_its_outputs_and_starts_a_detector(images, tmp_p
     assert torch.equal(det.backbone.conv3.weight, state["conv3.weight"])
     assert torch.equal(det.head.fc7.weight, state["fc7.weight"])
     assert det.backbone.preprocessing() == weights["meta"]["input"]
+
+
+def test_a_loading_process_gives_the_same_weights_and_bf16_changes_them(images, tmp_path):
+    """demo_pretrain decodes in a worker process (pretrain.workers=1): its batches, augmentation
+    included, must be the in-process ones. pretrain.precision=bf16 must reach the arithmetic."""
+    def weights(name, *extra):
+        run_pretraining(tiny_pretrain(images, tmp_path / name, "pretrain.epochs=2", *extra))
+        return load_verified(tmp_path / name / "pre" / "weights.pth", weights_only=True)["state_dict"]
+
+    base = weights("base")
+    loaded = weights("worker", "pretrain.workers=1")
+    assert all(torch.equal(base[k], loaded[k]) for k in base)
+    bf16 = weights("bf16", "pretrain.precision=bf16")
+    assert all(torch.isfinite(v).all() for v in bf16.values())
+    assert not torch.equal(base["fc6.weight"], bf16["fc6.weight"])
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(images, tmp_path, monkeypatch):
@@ -161,7 +176,7 @@ def test_torchrun_two_cpu_processes_match_one_process_with_the_same_global_batch
     common = ["--config", "demo_pretrain", f"data.root={images}", "data.synthetic=false", "model.width=0.125",
               "model.fc_dim=32", "model.dropout=0", "pretrain.batch_norm=false", "pretrain.epochs=2",
               "pretrain.batch_size=8", "pretrain.resize=48", "pretrain.crop=40", "pretrain.small_size=32",
-              "pretrain.val_every=5", "run.threads=1", "run.device=cpu"]
+              "pretrain.val_every=5", "run.threads=1", "run.device=cpu", "pretrain.workers=0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     script = str(REPO / "scripts" / "pretrain.py")
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
