@@ -248,7 +248,6 @@ def nms_per_class(boxes, scores, labels, iou_threshold: float):
     else:
         from torchvision.ops import nms as _tv_nms  # here: its import costs seconds
 
-
         order = _nms_order(s)
         b = b[order]
         classes, inv = np.unique(lab[order], return_inverse=True)
