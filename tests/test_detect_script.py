@@ -190,3 +190,21 @@ def test_model_combination_is_nms_on_the_union(tmp_path, checkpoint):
     assert as_rows(one) == as_rows(two)
     proc = detect(tmp_path, "p.png", "--checkpoint", str(checkpoint), "--checkpoint", str(checkpoint), "--out", "o")
     assert proc.returncode == 0 and "checkpoints" in proc.stdout and "spp+spp" in proc.stdout
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, checkpoint, monkeypatch):
+    """README's "Python API" block, verbatim, where the first command would have left a model."""
+    import re
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", text, re.S)
+    assert block, "README lost its Python API example"
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "model.pt").write_bytes(checkpoint.read_bytes())
+    cv2.imwrite(str(tmp_path / "photo.jpg"), scene(140, 180, 3))
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.boxes.shape == (len(result), 4) and result.scores.shape == result.labels.shape == (len(result),)
+    assert list(result.scores) == sorted(result.scores, reverse=True)
+    assert result.class_names == namespace["predictor"].classes
