@@ -77,6 +77,8 @@ class ModelConfig:
     max_size: int = 2000                  # cap on the resized long side, bounds memory [ours]
     projection: str = "paper"             # window -> conv5 rule: paper (App. A floor/ceil) | code (offset0 21, 6.5) [P/C 1.4]
     scale_rule: str = "paper"             # per-window scale: paper (area closest to 224^2) | code (208, scale units) [P/C 1.5]
+    scale_target: Optional[float] = None  # the rule's target size; null: 224 (paper) / 208 (code), ImageNet's crop.
+                                          # A net pretrained at another crop (the demo's 96) has its own [ours]
     lrn: bool = True                      # ZF-5's within-channel LRN after conv1/conv2 (zf5 only) (alpha 5e-5: close to the
                                           # identity for unit-scale inputs, and 40% of a small ZF-5's training time) [P 1.1]
     pixel_std: Optional[float] = None     # divide mean-subtracted pixels by this (None: the backbone's own, 1 for ZF-5 as the paper); from scratch wants unit-scale input [ours]
@@ -271,6 +273,7 @@ RULES = {
     "data.synthetic_val_per_class": _AT_LEAST_1,
     "data.synthetic_image_size": (lambda v: v >= 32, "an integer >= 32"),
     "proposals.max_boxes": _AT_LEAST_1,
+    "model.scale_target": (lambda v: v is None or v > 0, "> 0, or null for the rule's own"),
     "proposals.min_size": _AT_LEAST_0,
     "proposals.resize": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "proposals.workers": _AT_LEAST_0,

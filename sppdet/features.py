@@ -76,16 +76,17 @@ class SPPFeatures(WindowFeatures):
 
     def __init__(self, backbone: Backbone, levels: Sequence[int] = (6, 3, 2, 1),
                  scales: Sequence[int] = (688,), max_size: int = 2000,
-                 projection: str = "paper", scale_rule: str = "paper"):
+                 projection: str = "paper", scale_rule: str = "paper", scale_target: float | None = None):
         super().__init__(backbone, levels)
         self.scales = tuple(scales)
         self.max_size = max_size
         self.projection = projection
         self.scale_rule = scale_rule
+        self.scale_target = scale_target
 
     def settings(self) -> dict:
         return {**super().settings(), "scales": self.scales, "max_size": self.max_size,
-                "projection": self.projection, "scale_rule": self.scale_rule}
+                "projection": self.projection, "scale_rule": self.scale_rule, "scale_target": self.scale_target}
 
     def conv5(self, image: np.ndarray, scale_ids: Sequence[int] | None = None,
               timers: dict | None = None) -> dict[int, torch.Tensor]:
@@ -105,7 +106,8 @@ class SPPFeatures(WindowFeatures):
     def window_scales(self, image_shape: tuple[int, ...], boxes: torch.Tensor) -> torch.Tensor:
         """(R,) index of the scale each window is pooled at."""
         height, width = image_shape[:2]
-        return choose_scales(boxes, self.scales, height, width, self.max_size, rule=self.scale_rule)
+        return choose_scales(boxes, self.scales, height, width, self.max_size, rule=self.scale_rule,
+                             target=self.scale_target)
 
     def pool(self, maps: dict[int, torch.Tensor], image_shape: tuple[int, ...], boxes: torch.Tensor,
              scale_idx: torch.Tensor, timers: dict | None = None) -> torch.Tensor:

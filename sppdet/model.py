@@ -99,7 +99,7 @@ def build_features(cfg: Config, backbone: Backbone, kind: str) -> WindowFeatures
     if kind == "rcnn":
         return RCNNFeatures(backbone, m.levels, input_size=m.rcnn_input_size, context=m.rcnn_context)
     return SPPFeatures(backbone, m.levels, scales=m.scales, max_size=m.max_size,
-                       projection=m.projection, scale_rule=m.scale_rule)
+                       projection=m.projection, scale_rule=m.scale_rule, scale_target=m.scale_target)
 
 
 def build_detector(cfg: Config, num_classes: int, weights: str | None = None, kind: str | None = None,

@@ -99,3 +99,16 @@ def test_train_conv_reads_live_with_gradients(image_paths):
     out = source("im0", [0, 2])
     out.sum().backward()
     assert features.backbone.conv1.weight.grad is not None and not source.memory
+
+
+def test_scale_target_aims_the_per_window_scale_rule():
+    """model.scale_target replaces the paper's 224 (ImageNet's crop) in choosing each window's
+    scale, and is part of the feature settings that key the caches. On a 64x48 image at scales
+    (80, 160): 26-px and 64-px windows resize to ~43/87 and ~92/185 px on a side."""
+    backbone = build_backbone("zf5", width=0.125)
+    paper = SPPFeatures(backbone, levels=(3, 1), scales=(80, 160))
+    small = SPPFeatures(backbone, levels=(3, 1), scales=(80, 160), scale_target=40)
+    boxes = torch.from_numpy(BOXES[:2])
+    assert paper.window_scales((48, 64, 3), boxes).tolist() == [1, 1]  # both closer to 224 at 160
+    assert small.window_scales((48, 64, 3), boxes).tolist() == [0, 0]  # both closer to 40 at 80
+    assert paper.settings()["scale_target"] is None and small.settings()["scale_target"] == 40
