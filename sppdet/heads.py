@@ -176,6 +176,11 @@ def compress_head(head: FCHead, fc6: float, fc7: float) -> dict[str, int]:
     return done
 
 
+def svd_ranks(head: FCHead) -> dict[str, int]:
+    """{layer: rank} of the fc layers that are truncated SVDs (empty when the head is exact)."""
+    return {n: layer.rank for n in ("fc6", "fc7") for layer in [getattr(head, n)] if isinstance(layer, LowRankLinear)}
+
+
 def match_compression(head: FCHead, state: dict, prefix: str = "head.") -> None:
     """Give `head` the low-rank fc6/fc7 a state dict holds (a compressed checkpoint)."""
     for name in ("fc6", "fc7"):

@@ -128,7 +128,7 @@ def compress_checkpoint(path: str | os.PathLike, svd_fc6: float | None = None, s
     from dataclasses import replace as dc_replace
 
     from .checkpoint import read_checkpoint, save_checkpoint
-    from .heads import LowRankLinear
+    from .heads import svd_ranks
     from .utils import check_writable_file
 
     out = Path(out) if out is not None else Path(path)
@@ -141,8 +141,7 @@ def compress_checkpoint(path: str | os.PathLike, svd_fc6: float | None = None, s
     cfg = dc_replace(cfg, test=dc_replace(t, svd_fc6=t.svd_fc6 if svd_fc6 is None else svd_fc6,
                                           svd_fc7=t.svd_fc7 if svd_fc7 is None else svd_fc7, exact=False))
     tested, compressed = for_test(copy.deepcopy(detector), cfg)
-    ranks = {n: layer.rank for n in ("fc6", "fc7") for layer in [getattr(tested.head, n)]
-             if isinstance(layer, LowRankLinear)}
+    ranks = svd_ranks(tested.head)
     save_checkpoint(out, detector, cfg, classes, extra=read_checkpoint(path).get("extra"), compressed=compressed)
     print(f"{out}: " + (", ".join(f"{n} rank {r}" for n, r in ranks.items()) if ranks else
                         "nothing compressed (at these ranks the layers would not get cheaper)"))
@@ -150,11 +149,17 @@ def compress_checkpoint(path: str | os.PathLike, svd_fc6: float | None = None, s
 
 
 def describe_head(detector: Detector, precision: str) -> str:
-    from .heads import LowRankLinear
+    from .heads import svd_ranks
 
-    ranks = [f"{n} rank {getattr(detector.head, n).rank}" for n in ("fc6", "fc7")
-             if isinstance(getattr(detector.head, n), LowRankLinear)]
-    return f"fc layers in {precision}, " + (f"truncated SVD ({', '.join(ranks)})" if ranks else "no SVD")
+    ranks = ", ".join(f"{n} rank {r}" for n, r in svd_ranks(detector.head).items())
+    return f"fc layers in {precision}, " + (f"truncated SVD ({ranks})" if ranks else "no SVD")
+
+
+def draw_threshold(cfg: Config) -> float:
+    """The score from which detections are reported (Predictor, detect.py): test.draw_thresh,
+    or the scorer's decision boundary when it is null."""
+    t = cfg.test
+    return DECISION_BOUNDARY[t.scorer] if t.draw_thresh is None else t.draw_thresh
 
 
 def detect_options(cfg: Config, score_thresh: float | None = None, device: torch.device | None = None) -> dict:
@@ -265,8 +270,7 @@ class Predictor:
     @property
     def score_thresh(self) -> float:
         """The default threshold: test.draw_thresh, or the scorer's decision boundary."""
-        t = self.cfg.test
-        return DECISION_BOUNDARY[t.scorer] if t.draw_thresh is None else t.draw_thresh
+        return draw_threshold(self.cfg)
 
     def proposals(self, image: np.ndarray) -> np.ndarray:
         """Selective search boxes (N, 4) of a BGR image with the checkpoint's settings."""

@@ -287,8 +287,7 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
     head and every head variant on the same pooled features; then one detect.py-style call per
     image (fresh selective search + network + NMS) -> the figures."""
     from .config import load_config, resolve
-    from .detector import DECISION_BOUNDARY
-    from .inference import detect_options, describe_head
+    from .inference import describe_head, detect_options, draw_threshold
     from .proposals import selective_search, time_against_stock
     from .utils import pick_device
     from .voc import VOCDataset, load_image
@@ -342,7 +341,7 @@ def run_benchmark(voc_root: str | Path | None = None, year: str = "2007", split:
                       f"({len(timed)} windows)", file=sys.stderr, flush=True)
         # the time a user waits: a detect.py call, selective search included (not cached)
         p = cfg.proposals
-        draw = DECISION_BOUNDARY[cfg.test.scorer] if cfg.test.draw_thresh is None else cfg.test.draw_thresh
+        draw = draw_threshold(cfg)
         e2e = []
         for rec in records:
             image = load_image(rec.path)
@@ -405,7 +404,7 @@ def compare_heads(checkpoint: str | Path, split: str = "test", device: str = "au
     import copy
 
     from .checkpoint import load_checkpoint, read_checkpoint
-    from .heads import LowRankLinear
+    from .heads import svd_ranks
     from .inference import detect_split, for_test, load_datasets, proposals_for, resolve_precision, score_detections
     from .evaluation import collect_detections
     from .utils import pick_device
@@ -435,8 +434,7 @@ def compare_heads(checkpoint: str | Path, split: str = "test", device: str = "au
         with torch.no_grad():
             for pooled, scores in reference.values():
                 diff = max(diff, float((det.svm(det.fc7(pooled, precision)) - scores).abs().max()) if len(pooled) else 0.0)
-        ranks = {n: layer.rank for n in ("fc6", "fc7") for layer in [getattr(det.head, n)]
-                 if isinstance(layer, LowRankLinear)}
+        ranks = svd_ranks(det.head)
         out[name] = {"map": score_detections(dataset, detections, cfg.test.metric)["map"], "fc_s": times["fc_s"],
                      "total_s": times["total_s"], "max_score_diff": diff, "ranks": ranks, "precision": precision}
     return out
