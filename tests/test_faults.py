@@ -201,8 +201,10 @@ def test_kill_9_during_fine_tuning_resumes_to_the_uninterrupted_result(reference
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     snapshot = tmp_path / "demo" / "stages" / "finetune_snapshot.pt"
     deadline = time.time() + 120
+    # Poll fast: the tiny run's iterations 10..20 and the stage save that removes the snapshot
+    # can take well under 50 ms, and a snapshot seen late (or not at all) is no test of resume.
     while not snapshot.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert snapshot.is_file() and not (tmp_path / "demo" / "model.pt").exists()
