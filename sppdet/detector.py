@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import boxes as box_ops
-from .features import WindowFeatures, timed
+from .features import WindowFeatures, pooling_dtype, timed
 from .heads import BoxRegressor, FCHead, LinearSVMScorer
 
 # The decision boundary of each scorer: the default drawing threshold (`test.draw_thresh`).
@@ -77,7 +77,9 @@ class Detector(nn.Module):
         """(R, D) -> (R, fc_dim) float32, in chunks of `self.chunk` windows; precision "bf16" runs
         the fc layers in bfloat16 (autocast)."""
         if len(pooled) == 0:
-            return pooled.new_zeros(0, self.head.out_dim)
+            return pooled.new_zeros(0, self.head.out_dim, dtype=torch.float32)
+        if precision != "bf16":
+            pooled = pooled.float()
         with torch.autocast(pooled.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             return torch.cat([self.head(p) for p in pooled.split(self.chunk)]).float()
 
@@ -100,14 +102,15 @@ class Detector(nn.Module):
         regression (if `regress`), clipped to the image -> NMS again (as the official evaluation
         does); then the best `max_per_image` over all classes. Scores are SVM margins (> 0: the
         class's SVM calls it an object) or, with scorer="softmax", fc8 probabilities.
-        precision "bf16" runs fc6/fc7 in bfloat16 (see `inference.resolve_precision`),
-        conv_precision "bf16" the conv layers.
+        precision "bf16" runs fc6/fc7 in bfloat16 (see `inference.resolve_precision`) on windows
+        pooled in bf16 (`features.pooling_dtype`; box regression reads them too), conv_precision
+        "bf16" the conv layers.
         """
         self.eval()
         height, width = image.shape[:2]
         proposals = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=conv_precision == "bf16"):
-            pooled = self.features(image, proposals, timers=timers).float()
+            pooled = self.features(image, proposals, timers=timers, dtype=pooling_dtype(precision))
         proposals = proposals.to(pooled.device)
         with timed(timers, "fc", self.device):
             scores = self.scores(self.fc7(pooled, precision), scorer)
@@ -118,7 +121,7 @@ class Detector(nn.Module):
             keep = box_ops.nms_per_class(proposals[window], cand_scores, labels, nms)
             keep = keep[_rank_within(labels[keep]) < max_per_class]
             window, labels, cand_scores = window[keep], labels[keep], cand_scores[keep]
-            out = self.regressor(pooled[window], proposals[window], labels) if regress else proposals[window]
+            out = self.regressor(pooled, proposals[window], labels, window) if regress else proposals[window]
             out = box_ops.clip(out, height, width)
             keep = box_ops.nms_per_class(out, cand_scores, labels, nms)[:max_per_image]
         return Detections(out[keep].cpu().numpy().astype(np.float32),

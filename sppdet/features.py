@@ -42,8 +42,17 @@ def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
+def pooling_dtype(precision: str) -> torch.dtype:
+    """The dtype windows are pooled in for fc layers running in `precision` ("fp32" | "bf16").
+    bf16 pools conv5 rounded to bf16: max pooling commutes with rounding (it is monotone), so
+    fc6 sees the same input as from fp32 pooling cast by autocast, and pooling moves half the
+    bytes."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 class WindowFeatures(nn.Module):
-    """Base of the two feature paths: a backbone and a pyramid. forward(image, boxes) -> (R, D)."""
+    """Base of the two feature paths: a backbone and a pyramid. forward(image, boxes, timers=None,
+    dtype=None) -> (R, D)."""
 
     kind: str
 
@@ -110,10 +119,12 @@ class SPPFeatures(WindowFeatures):
                              target=self.scale_target)
 
     def pool(self, maps: dict[int, torch.Tensor], image_shape: tuple[int, ...], boxes: torch.Tensor,
-             scale_idx: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
-        """Pool each window (R, 4) from the conv5 map of scale `scale_idx[r]` -> (R, D). Boxes
-        reach the resized image as the projection rule's code does: boxes * f (paper), or
-        (b - 1)(s - 1)/(m - 1) + 1 on 1-based corners (code; `spp.resize_boxes`)."""
+             scale_idx: torch.Tensor, timers: dict | None = None, dtype: torch.dtype | None = None
+             ) -> torch.Tensor:
+        """Pool each window (R, 4) from the conv5 map of scale `scale_idx[r]` -> (R, D), in
+        `dtype` (default: the maps'; see `pooling_dtype`). Boxes reach the resized image as the
+        projection rule's code does: boxes * f (paper), or (b - 1)(s - 1)/(m - 1) + 1 on
+        1-based corners (code; `spp.resize_boxes`)."""
         height, width = image_shape[:2]
         pooled = None
         for k, conv5 in maps.items():
@@ -126,7 +137,9 @@ class SPPFeatures(WindowFeatures):
                                       rule=self.projection)
                 windows = project_boxes(scaled, self.backbone.stride, self.backbone.center0,
                                         conv5.shape[1], conv5.shape[2], rule=self.projection)
-                part = spp_pool(conv5, windows.to(conv5.device), self.levels)
+                part = spp_pool(conv5.to(dtype or conv5.dtype), windows.to(conv5.device), self.levels)
+            if len(sel) == len(boxes):  # one scale for every window: no (R, D) scatter copy
+                return part
             if pooled is None:
                 pooled = part.new_empty(len(boxes), part.shape[1])
             pooled[sel.to(part.device)] = part
@@ -135,14 +148,15 @@ class SPPFeatures(WindowFeatures):
         return pooled
 
     def forward(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None,
-                scale_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D).
-        `scale_idx` (R,) overrides the per-window scale rule (fine-tuning's random scales)."""
+                scale_idx: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D) in
+        `dtype` (default: conv5's). `scale_idx` (R,) overrides the per-window scale rule
+        (fine-tuning's random scales)."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         if scale_idx is None:
             scale_idx = self.window_scales(image.shape, boxes)
         maps = self.conv5(image, scale_idx.unique().tolist(), timers)
-        return self.pool(maps, image.shape, boxes, scale_idx, timers)
+        return self.pool(maps, image.shape, boxes, scale_idx, timers, dtype)
 
 
 class TrainingFeatures:

@@ -102,25 +102,40 @@ class BoxRegressor(nn.Module):
             regressor.num_samples.copy_(torch.as_tensor(num_samples, dtype=torch.int64))
         return regressor
 
-    def deltas(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """pooled (N, D), labels (N,) in 1..K -> (dx, dy, log dw, log dh) (N, 4)."""
+    def deltas(self, pooled: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """pooled (R, D), labels (N,) in 1..K, rows (N,): the window of each label (default: row i
+        for label i, N = R) -> (dx, dy, log dw, log dh) (N, 4)."""
         labels = torch.as_tensor(labels, device=pooled.device).long()
+        rows = torch.arange(len(labels), device=pooled.device) if rows is None else \
+            torch.as_tensor(rows, device=pooled.device).long()
+        if len(rows) != len(labels):
+            raise ValueError(f"{len(labels)} labels but {len(rows)} rows")
         if len(labels) and (int(labels.min()) < 1 or int(labels.max()) > len(self.coef)):
             raise ValueError(f"labels must be in 1..{len(self.coef)}")
         if len(labels) == 0:
             return pooled.new_zeros(0, 4)
-        # every class's deltas in one (N, D) @ (D, K * 4) product, then each row's own: far
-        # cheaper than a copy of the (D, 4) coefficients per row, or one skinny product per class
+        # every class's deltas in one (windows, D) @ (D, K * 4) product, then each label's own:
+        # far cheaper than a copy of the (D, 4) coefficients per label, or one skinny product per
+        # class. The product runs on the distinct windows asked for, or on all of them when those
+        # are most: gathering their (D,) rows first costs more than the extra multiply-adds.
         k, d, _ = self.coef.shape
-        every = (pooled.float() @ self.coef.permute(1, 0, 2).reshape(d, k * 4)).view(-1, k, 4)
-        rows = torch.arange(len(labels), device=labels.device)
+        coef = self.coef.permute(1, 0, 2).reshape(d, k * 4)
+        windows, rows = rows.unique(return_inverse=True)
+        if 2 * len(windows) > len(pooled):
+            every, rows = pooled.float() @ coef, windows[rows]
+        else:
+            every = pooled.index_select(0, windows).float() @ coef
+        every = every.view(-1, k, 4)
         return every[rows, labels - 1] * self.scale + self.intercept[labels - 1]
 
-    def forward(self, pooled: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Move boxes (N, 4) by the regressor of their class; not clipped to the image."""
+    def forward(self, pooled: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Move boxes (N, 4) by the regressor of their class (`labels` (N,)), from the pooled
+        features (R, D) of their windows (`rows` (N,), default the first N); not clipped."""
         if len(boxes) == 0:
             return boxes
-        return box_ops.decode(boxes, self.deltas(pooled, labels))
+        return box_ops.decode(boxes, self.deltas(pooled, labels, rows))
 
 
 # ----------------------------------------------------------------------------- compression

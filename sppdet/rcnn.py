@@ -68,9 +68,11 @@ class RCNNFeatures(WindowFeatures):
     def settings(self) -> dict:
         return {**super().settings(), "input_size": self.input_size, "context": self.context}
 
-    def forward(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None) -> torch.Tensor:
-        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D).
-        Crop + warp is timed as "warp", the conv passes as "conv", pooling as "pool"."""
+    def forward(self, image: np.ndarray, boxes: torch.Tensor, timers: dict | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """image (H, W, 3) BGR uint8, boxes (R, 4) original pixels -> pooled conv5 (R, D) in
+        `dtype` (default: conv5's). Crop + warp is timed as "warp", the conv passes as "conv",
+        pooling as "pool"."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         with timed(timers, "warp", self.device):
             x = self.backbone.preprocess(image).to(self.device)
@@ -81,7 +83,7 @@ class RCNNFeatures(WindowFeatures):
             with timed(timers, "conv", self.device):
                 conv5 = self.backbone(crops)
             with timed(timers, "pool", self.device):
-                parts.append(spp_pool_maps(conv5, self.levels))
+                parts.append(spp_pool_maps(conv5.to(dtype or conv5.dtype), self.levels))
         if not parts:
             return torch.zeros(0, self.output_dim, device=self.device)
         return torch.cat(parts)

@@ -117,14 +117,17 @@ def time_detect(detector, image: np.ndarray, boxes: np.ndarray, device: torch.de
 
 def time_heads(detector, heads: dict, pooled: torch.Tensor, device: torch.device) -> dict[str, float]:
     """Seconds of fc6 + fc7 + SVM scores on `pooled` for each head variant {name: (head, precision)}."""
+    from .features import pooling_dtype
+
     out = {}
     original = detector.head
     try:
         for name, (head, precision) in heads.items():
             detector.head = head
             timer = Timer(device)
+            x = pooled.to(pooling_dtype(precision))  # as that head's detect call pools (untimed)
             with torch.no_grad(), timer:
-                detector.svm(detector.fc7(pooled, precision))
+                detector.svm(detector.fc7(x, precision))
             out[name] = timer.total
     finally:
         detector.head = original

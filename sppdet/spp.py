@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -349,7 +350,8 @@ def spp_pool(feature: torch.Tensor, windows, levels: Sequence[int] = DEFAULT_LEV
     in chunks of `chunk` so the gathered rows stay in cache. Without autograd, all work buffers
     are allocated once and reused: fresh large allocations cost page faults that can exceed the
     arithmetic (setting THP_MEM_ALLOC_ENABLE=1 before importing torch makes them cheap too).
-    On CPU without autograd the pooling runs on one intra-op thread (see `_one_thread`).
+    On CPU without autograd, each op runs on one intra-op thread (see `_one_thread`) and the
+    windows are split between up to torch.get_num_threads() Python threads (`_POOL_SPLIT`).
     """
     levels = _check_levels(levels)
     if feature.ndim != 3:
@@ -361,8 +363,15 @@ def spp_pool(feature: torch.Tensor, windows, levels: Sequence[int] = DEFAULT_LEV
     if r == 0:
         return out
     grad = torch.is_grad_enabled() and feature.requires_grad
-    with _one_thread() if not grad and feature.device.type == "cpu" else contextlib.nullcontext():
+    if grad or feature.device.type != "cpu":
         return _pool_chunks(feature, windows, levels, chunk, grad, out)
+    workers = max(1, min(torch.get_num_threads(), r // _POOL_SPLIT))
+    with _one_thread():
+        return _pool_chunks(feature, windows, levels, chunk, grad, out, workers)
+
+
+# windows per Python thread at least: below that a thread's start costs more than it saves
+_POOL_SPLIT = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -379,6 +388,9 @@ def _one_thread():
     processes each op waits for a descheduled worker thread. Measured on 2 busy cores, 2000
     windows on a 43x58x256 map: 5.2 s with 2 threads, 0.17 s with one. Only with the OpenMP
     backend: the native one cannot change its thread count once it has run parallel work.
+    The cores are used instead by Python threads that each pool a share of the windows: torch
+    releases the GIL inside each op and nothing waits on a barrier until the shares are done.
+    Threads started inside the block take its one intra-op thread when they first run an op.
     """
     threads = torch.get_num_threads()
     if threads == 1 or not _openmp_backend():
@@ -392,8 +404,9 @@ def _one_thread():
 
 
 def _pool_chunks(feature: torch.Tensor, windows: torch.Tensor, levels: tuple[int, ...], chunk: int,
-                 grad: bool, out: torch.Tensor) -> torch.Tensor:
-    """The body of `spp_pool` on checked inputs: fills and returns `out` (R, D)."""
+                 grad: bool, out: torch.Tensor, workers: int = 1) -> torch.Tensor:
+    """The body of `spp_pool` on checked inputs: fills and returns `out` (R, D); without
+    autograd, `workers` threads take contiguous shares of the windows (one sparse table)."""
     c, h, w = feature.shape
     r = len(windows)
     plan = _plan(levels)
@@ -404,41 +417,66 @@ def _pool_chunks(feature: torch.Tensor, windows: torch.Tensor, levels: tuple[int
     # (level, first column, last column + 1) of each level in the output; a level may repeat.
     offsets = np.cumsum([0] + [c * n * n for n in levels]).tolist()
     targets = [(n, offsets[i], offsets[i + 1]) for i, n in enumerate(levels)]
-    # With autograd, one pass: each chunk's index_select backward would zero a table-sized grad.
-    chunk = r if grad else max(1, min(chunk, r))
-    work = {}   # no-grad buffers, reused by every chunk
-    if not grad:
-        work["rows"] = feature.new_empty(4 * chunk * nbins, c)
-        work["bins"] = feature.new_empty(chunk, nbins, c)
-        for n, src in plan.items():
-            if src is not None:
-                work[n] = (feature.new_empty(chunk, n, src, c), feature.new_empty(chunk, n, n, c))
 
-    for s in range(0, r, chunk):
-        e = min(s + chunk, r)
-        k = e - s
-        index = idx[:, s:e].reshape(-1)
-        if grad:
-            g = table.index_select(0, index).view(4, k, nbins, c)
-            bins = torch.maximum(torch.maximum(g[0], g[1]), torch.maximum(g[2], g[3]))
-        else:
-            g = torch.index_select(table, 0, index, out=work["rows"][:4 * k * nbins])
-            g = g.view(4, k, nbins, c)
-            bins = torch.maximum(g[0], g[1], out=work["bins"][:k])
-            torch.maximum(bins, g[2], out=bins)
-            torch.maximum(bins, g[3], out=bins)
-        pooled, col = {}, 0
-        for n in direct:
-            pooled[n] = bins[:, col:col + n * n].view(k, n, n, c)
-            col += n * n
-        for n, src in plan.items():   # finer levels first, so sources are ready
-            if src is not None:
-                tmp, res = (None, None) if grad else (w[:k] for w in work[n])
-                pooled[n] = _max_groups(pooled[src], src // n, tmp, res)
-        for n, a, b in targets:
-            # Views made here, not once up front: autograd rejects writes through views of `out`
-            # taken before an earlier write when a dimension has size 1.
-            out[s:e, a:b].view(k, c, n * n).copy_(pooled[n].reshape(k, n * n, c).transpose(1, 2))
+    def pool_range(lo: int, hi: int, chunk: int) -> None:
+        work = {}   # no-grad buffers, reused by every chunk of this range
+        if not grad:
+            work["rows"] = feature.new_empty(4 * chunk * nbins, c)
+            work["bins"] = feature.new_empty(chunk, nbins, c)
+            for n, src in plan.items():
+                if src is not None:
+                    work[n] = (feature.new_empty(chunk, n, src, c), feature.new_empty(chunk, n, n, c))
+        for s in range(lo, hi, chunk):
+            e = min(s + chunk, hi)
+            k = e - s
+            index = idx[:, s:e].reshape(-1)
+            if grad:
+                g = table.index_select(0, index).view(4, k, nbins, c)
+                bins = torch.maximum(torch.maximum(g[0], g[1]), torch.maximum(g[2], g[3]))
+            else:
+                g = torch.index_select(table, 0, index, out=work["rows"][:4 * k * nbins])
+                g = g.view(4, k, nbins, c)
+                bins = torch.maximum(g[0], g[1], out=work["bins"][:k])
+                torch.maximum(bins, g[2], out=bins)
+                torch.maximum(bins, g[3], out=bins)
+            pooled, col = {}, 0
+            for n in direct:
+                pooled[n] = bins[:, col:col + n * n].view(k, n, n, c)
+                col += n * n
+            for n, src in plan.items():   # finer levels first, so sources are ready
+                if src is not None:
+                    tmp, res = (None, None) if grad else (w[:k] for w in work[n])
+                    pooled[n] = _max_groups(pooled[src], src // n, tmp, res)
+            for n, a, b in targets:
+                # Views made here, not once up front: autograd rejects writes through views of
+                # `out` taken before an earlier write when a dimension has size 1.
+                out[s:e, a:b].view(k, c, n * n).copy_(pooled[n].reshape(k, n * n, c).transpose(1, 2))
+
+    if grad:  # one pass: each chunk's index_select backward would zero a table-sized grad
+        pool_range(0, r, r)
+        return out
+    chunk = max(1, min(chunk, r))
+    bounds = np.linspace(0, r, workers + 1).round().astype(int).tolist()
+    if workers == 1:
+        pool_range(0, r, chunk)
+        return out
+    errors = []
+
+    def share(lo: int, hi: int) -> None:
+        try:
+            pool_range(lo, hi, chunk)
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    helpers = [threading.Thread(target=share, args=(bounds[i], bounds[i + 1]), daemon=True)
+               for i in range(1, workers)]
+    for t in helpers:
+        t.start()
+    share(bounds[0], bounds[1])
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
     return out
 
 

@@ -158,3 +158,26 @@ def test_module_state_round_trip_and_class_selection():
                                    predict(reg, features, proposals, labels)[sel], atol=1e-4)
     with pytest.raises(ValueError, match="labels must be in 1..3"):
         predict(reg, features[:2], proposals[:2], np.array([1, 4]))
+
+
+@pytest.mark.parametrize("n_rows", [3, 9])   # few distinct windows (gathered) / most (all rows)
+def test_deltas_of_windows_by_row_index(n_rows):
+    """Labels that name their windows by row (one window may carry several classes, rows in any
+    order) get the deltas of those rows' features, whether the product runs on the distinct
+    rows asked for or on every window."""
+    rng = np.random.default_rng(4)
+    reg = BoxRegressor.from_arrays(rng.normal(size=(3, D, 4)), rng.normal(size=(3, 4)), scale=0.5)
+    pooled = torch.as_tensor(rng.normal(size=(10, D)), dtype=torch.float32)
+    rows = torch.as_tensor(rng.permutation(10)[:n_rows].repeat(2))   # each row for two classes
+    labels = torch.as_tensor(rng.integers(1, 4, len(rows)))
+    want = [pooled[r].double() @ reg.coef[k - 1].double() * 0.5 + reg.intercept[k - 1].double()
+            for r, k in zip(rows.tolist(), labels.tolist())]
+    with torch.no_grad():
+        got = reg.deltas(pooled, labels, rows)
+        np.testing.assert_allclose(got.numpy(), torch.stack(want).numpy(), rtol=1e-5, atol=1e-5)
+        # bf16 features are read as they are (widened to fp32 for the product)
+        got16 = reg.deltas(pooled.bfloat16(), labels, rows)
+        np.testing.assert_allclose(got16.numpy(), reg.deltas(pooled.bfloat16().float(), labels, rows).numpy(),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="6 labels but 5 rows"):
+        reg.deltas(pooled, labels[:6], rows[:5])

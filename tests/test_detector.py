@@ -66,8 +66,8 @@ class OneHot(WindowFeatures):
 
     kind = "spp"
 
-    def forward(self, image, boxes, timers=None):
-        return torch.eye(len(boxes), self.output_dim)
+    def forward(self, image, boxes, timers=None, dtype=None):
+        return torch.eye(len(boxes), self.output_dim, dtype=dtype)
 
 
 class FixedScores(Detector):
@@ -222,3 +222,27 @@ def test_bf16_conv_stays_close_to_fp32():
     sb = sorted(zip(b.labels.tolist(), b.boxes.tolist(), b.scores.tolist()))
     spread = np.ptp(a.scores)
     assert max(abs(x[2] - y[2]) for x, y in zip(sa, sb)) < 0.05 * spread
+
+
+@pytest.mark.parametrize("kind", ["spp", "rcnn"])
+def test_bf16_head_pools_in_bf16_with_the_same_scores(kind):
+    """precision="bf16" pools conv5 rounded to bf16 (half the bytes): since max pooling commutes
+    with rounding, fc6 gets exactly what autocast makes of fp32 pooled features, so the scores
+    are bit-identical to the fc layers run in bf16 on fp32 pooling."""
+    torch.manual_seed(0)
+    features = SPPFeatures(tiny_backbone(), scales=(100,)) if kind == "spp" else \
+        RCNNFeatures(tiny_backbone(), input_size=64, context=4)
+    net = Detector(features, num_classes=2, fc_dim=16).eval()
+    with torch.no_grad():
+        net.svm.weight.normal_()
+        pooled = net.features(IMAGE, torch.as_tensor(BOXES))
+        assert pooled.dtype == torch.float32
+        assert torch.equal(net.features(IMAGE, torch.as_tensor(BOXES), dtype=torch.bfloat16),
+                           pooled.bfloat16())
+        want = net.svm(net.fc7(pooled, "bf16"))
+    det = net.detect(IMAGE, BOXES, score_thresh=-np.inf, nms=1.0, regress=False, precision="bf16")
+    got = {(int(k), tuple(b)): s for k, b, s in zip(det.labels, det.boxes.tolist(), det.scores)}
+    assert len(got) == 2 * len(BOXES)
+    for r, box in enumerate(BOXES.tolist()):
+        for k in (1, 2):
+            assert got[(k, tuple(box))] == want[r, k - 1].item()

@@ -197,6 +197,34 @@ def test_spp_pool_relu_map_with_ties_and_noncontiguous_input():
     assert torch.equal(spp_pool(feature, windows), spp_pool_reference(feature, windows))
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_spp_pool_split_between_threads_and_in_bf16(monkeypatch, threads):
+    """Enough windows for every thread to take a share (ragged shares, a partial last chunk):
+    the same bits as the reference; bf16 pooling equals fp32 pooling rounded to bf16."""
+    import sppdet.spp as spp_module
+
+    monkeypatch.setattr(spp_module, "_POOL_SPLIT", 50)
+    started = []
+    real_thread = spp_module.threading.Thread
+    monkeypatch.setattr(spp_module.threading, "Thread",
+                        lambda *a, **k: started.append(1) or real_thread(*a, **k))
+    gen = torch.Generator().manual_seed(11)
+    feature = torch.relu(torch.randn(16, 42, 56, generator=gen))
+    windows = random_windows(gen, 3 * 50 + 7, 42, 56)
+    expected = spp_pool_reference(feature, windows)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = spp_pool(feature, windows, chunk=16)
+        got_bf16 = spp_pool(feature.bfloat16(), windows, chunk=16)
+        assert torch.get_num_threads() == threads   # restored after the one-thread block
+    finally:
+        torch.set_num_threads(before)
+    assert len(started) == 2 * (threads - 1)      # the calling thread takes one share itself
+    assert torch.equal(got, expected)
+    assert got_bf16.dtype == torch.bfloat16 and torch.equal(got_bf16, expected.bfloat16())
+
+
 def test_reference_bins_match_adaptive_max_pool():
     """The reference's floor/ceil bins are those of adaptive max pooling on the cropped window."""
     gen = torch.Generator().manual_seed(6)
