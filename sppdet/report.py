@@ -240,7 +240,7 @@ def format_benchmark(result: dict) -> str:
         f"first {r['windows_timed']} windows per image, times scaled linearly to all windows (EXTRAPOLATED)"
     lines = [
         f"SPP-net vs R-CNN (the paper's Table 10 layout): {result['network']}",
-        f"device {result['device']}, {result['threads']} torch threads (pooling runs on one, see sppdet.spp)",
+        f"device {result['device']}, {result['threads']} torch threads (pooling splits the windows between Python threads, see sppdet.spp)",
         f"{result['images']} images of {result['dataset']}, {result['proposals_per_image']:.0f} proposals per image; "
         f"R-CNN timed on {r['images']} of them ({m['rcnn']['windows_per_image']:.0f} proposals per image), {windows}",
         f"default head: {result['default_head']}; random SVMs scoring {100 * SCORE_SHARES['candidates']:.0f}% "
