@@ -47,12 +47,6 @@ def resize_factor(height: int, width: int, scale: float, max_size: float | None 
     return scale / min(height, width)
 
 
-def scale_boxes(boxes, factor: float):
-    """Boxes in original pixels -> pixels of the image resized by `factor` (the paper's
-    boxes * factor). `resize_boxes` picks the factor of a scale, the official code's included."""
-    return boxes * factor
-
-
 def resize_boxes(boxes, height: int, width: int, scale: float, max_size: float | None = None,
                  rule: str = "paper"):
     """Boxes (R, 4) in 0-based pixels of the original (height, width) image -> pixels of that
