@@ -451,17 +451,15 @@ def _pool_chunks(feature: torch.Tensor, windows: torch.Tensor, levels: tuple[int
         return out
     chunk = max(1, min(chunk, r))
     bounds = np.linspace(0, r, workers + 1).round().astype(int).tolist()
-    if workers == 1:
-        pool_range(0, r, chunk)
-        return out
     errors = []
 
     def share(lo: int, hi: int) -> None:
         try:
             pool_range(lo, hi, chunk)
-        except BaseException as e:  # re-raised in the calling thread
+        except BaseException as e:  # re-raised in the calling thread, once every share is done
             errors.append(e)
 
+    # the calling thread takes the first share itself (with one worker: all of them)
     helpers = [threading.Thread(target=share, args=(bounds[i], bounds[i + 1]), daemon=True)
                for i in range(1, workers)]
     for t in helpers:
